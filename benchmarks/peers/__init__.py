@@ -1,0 +1,1 @@
+"""Benchmark adapters for peer job queues (Celery, RQ, procrastinate)."""

@@ -1,0 +1,124 @@
+"""The supervisor's side of its children: fork one per job, talk to it,
+read how it ended, and decide what that means for the job."""
+
+import json
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+
+from supervisor.jobprocess import HANDOFF_EXIT_CODE, Assignment, run_child
+from supervisor.processes import clock, describe_status
+from supervisor.records import Job
+
+
+@dataclass
+class RunningJob:
+    """A job running in a child process of this supervisor."""
+
+    job: Job
+    pid: int  # the child's pid, also its process group id
+    lifeline: int  # write end: stop notices and deadline renewals
+    results: int  # read end: JSON lines from the child and the job
+    started: float = field(default_factory=clock)
+    messages: list[dict] = field(default_factory=list)
+    kill_reason: str | None = None  # set when the supervisor kills it on purpose
+    status: int | None = None  # waitpid status once reaped
+    _buffer: bytes = b""
+
+    def tell(self, line: str) -> None:
+        """Send a lifeline line; a child that is gone does not need it."""
+        try:
+            os.write(self.lifeline, line.encode() + b"\n")
+        except (BlockingIOError, BrokenPipeError, OSError):
+            pass
+
+    def notice_stop(self) -> None:
+        self.tell("S")
+
+    def renew(self, deadline: float) -> None:
+        self.tell(f"R{deadline:.6f}")
+
+    def read(self) -> None:
+        """Take whatever the child has written so far."""
+        while True:
+            try:
+                data = os.read(self.results, 65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                return
+            self._buffer += data
+            *lines, self._buffer = self._buffer.split(b"\n")
+            for line in lines:
+                try:
+                    self.messages.append(json.loads(line))
+                except ValueError:
+                    pass  # a job cannot forge messages that matter: see outcome()
+
+    def close(self) -> None:
+        for fd in (self.lifeline, self.results):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def _message(self, event: str) -> dict | None:
+        found = [m for m in self.messages if isinstance(m, dict) and m.get("event") == event]
+        return found[0] if found else None
+
+    def outcome(self, stopping: bool = False) -> tuple[str, str | None]:
+        """(what happened, error text): succeeded, failed, handoff or
+        dropped (the run lost its job; nothing may be recorded). While the
+        supervisor is `stopping`, a job killed by SIGTERM was interrupted by
+        the deploy (some platforms signal every process), not failed."""
+        kind, error = self._outcome()
+        ended = self._message("exit")
+        if stopping and kind == "failed" and ended and ended.get("code") == -signal.SIGTERM:
+            return "handoff", "the job's process received SIGTERM while its server was stopping"
+        return kind, error
+
+    def _outcome(self) -> tuple[str, str | None]:
+        if self.kill_reason:
+            return "failed", self.kill_reason
+        fenced = self._message("fenced")
+        if fenced:
+            return "dropped", fenced.get("reason")
+        result = self._message("result")
+        ended = self._message("exit")
+        if result:
+            kind = {"lease_lost": "dropped"}.get(result.get("outcome"), result.get("outcome"))
+            return kind, result.get("error")
+        if ended and self.job.kind == "command":
+            return _command_outcome(ended)
+        if ended:
+            return "failed", f"the job's process ended without a result ({ended['how']})"
+        how = describe_status(self.status) if self.status is not None else "vanished"
+        return "failed", f"the job's child process {how} before the job ended"
+
+
+def _command_outcome(ended: dict) -> tuple[str, str | None]:
+    code = ended.get("code")
+    if code == 0:
+        return "succeeded", None
+    if code == HANDOFF_EXIT_CODE or (ended.get("stop_noticed") and code == -signal.SIGTERM):
+        return "handoff", f"the command asked to be handed off ({ended['how']})"
+    return "failed", f"the command ended with {ended['how']}"
+
+
+def spawn(assignment: Assignment, deadline: float) -> RunningJob:
+    """Fork a child for one job. The child runs jobprocess.run_child."""
+    lifeline_r, lifeline_w = os.pipe()
+    results_r, results_w = os.pipe()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()  # or the child would inherit and repeat buffered output
+    pid = os.fork()
+    if pid == 0:
+        os.close(lifeline_w)
+        os.close(results_r)
+        run_child(assignment, lifeline_r, results_w, deadline)
+    os.close(lifeline_r)
+    os.close(results_w)
+    os.set_blocking(lifeline_w, False)
+    os.set_blocking(results_r, False)
+    return RunningJob(job=assignment.job, pid=pid, lifeline=lifeline_w, results=results_r)

@@ -1,0 +1,352 @@
+"""The `shiftchange` command. Names, flags, JSON fields and exit codes here
+are a contract that deploy scripts and other tools rely on.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or configuration error.
+"""
+
+import functools
+import json
+import sys
+from datetime import datetime, timezone
+from typing import Annotated, Optional
+
+import typer
+
+from supervisor.config import load_config, parse_duration
+from supervisor.errors import EXIT_USAGE, ConfigError, ShiftchangeError
+from supervisor.logs import mask_secrets
+
+app = typer.Typer(
+    name="shiftchange",
+    help="A SQL-backed job queue whose supervisor hands in-flight jobs over cleanly on every deploy.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
+config_app = typer.Typer(help="Configuration commands.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[
+    Optional[str],
+    typer.Option("--config", "-c", help="Config file (default: $SHIFTCHANGE_CONFIG, then ./shiftchange.yaml)."),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
+
+
+def fail(message: str, code: int) -> None:
+    typer.echo(f"shiftchange: error: {mask_secrets(message)}", err=True)
+    raise typer.Exit(code)
+
+
+def reports_errors(command):
+    """Expected errors become one line on stderr and their exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ShiftchangeError as exc:
+            fail(str(exc), exc.exit_code)
+
+    return wrapper
+
+
+def open_queue(config_path):
+    from supervisor.queue import Queue
+
+    config = load_config(config_path)
+    return Queue(config.database.url, defaults=config)
+
+
+def print_json(data) -> None:
+    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+# --- run ---------------------------------------------------------------------------
+
+
+@app.command()
+@reports_errors
+def run(
+    config: ConfigOption = None,
+    name: Annotated[Optional[str], typer.Option(help="Server name (default: server.name, else the host name).")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(min=1, help="Jobs run at once (default: server.concurrency).")] = None,
+    queue: Annotated[Optional[list[str]], typer.Option("--queue", "-q", help="A queue to serve; repeat for more.")] = None,
+):
+    """Run a supervisor in the foreground until SIGTERM/SIGINT, then hand its jobs off."""
+    from supervisor.logs import setup_logging
+    from supervisor.loop import run_supervisor
+
+    settings = load_config(config).with_overrides(name=name, concurrency=concurrency, queues=tuple(queue or ()))
+    setup_logging(settings.log.format, settings.log.level)
+    raise typer.Exit(run_supervisor(settings))
+
+
+# --- producing ------------------------------------------------------------------------
+
+
+def parse_when(text: str) -> tuple[float | None, float]:
+    """--at: an ISO 8601 time (UTC unless it says otherwise) or a delay such
+    as +10m. Returns (epoch or None, delay seconds)."""
+    if text.startswith("+"):
+        return None, parse_duration(text[1:])
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--at {text!r} is neither an ISO 8601 time nor a delay like +10m") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp(), 0.0
+
+
+def parse_json_option(text: str | None, option: str, kind: type):
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(value, kind):
+        raise ConfigError(f"{option} must be a JSON {'array' if kind is list else 'object'}")
+    return value
+
+
+@app.command()
+@reports_errors
+def enqueue(
+    target: Annotated[list[str], typer.Argument(help="package.module:function, or with --command the argv after --.")],
+    args: Annotated[Optional[str], typer.Option("--args", help="Positional arguments as a JSON array.")] = None,
+    kwargs: Annotated[Optional[str], typer.Option("--kwargs", help="Keyword arguments as a JSON object.")] = None,
+    queue: Annotated[str, typer.Option("--queue", "-q", help="Queue name.")] = "default",
+    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+    max_attempts: Annotated[Optional[int], typer.Option(min=1, help="Failed runs allowed (default: jobs.max_attempts).")] = None,
+    at: Annotated[Optional[str], typer.Option("--at", help="Not before this ISO 8601 time, or after a delay like +10m.")] = None,
+    command: Annotated[bool, typer.Option("--command", help="TARGET is a command line: enqueue --command -- ARGV...")] = False,
+    config: ConfigOption = None,
+):
+    """Enqueue a job; prints its id alone on stdout."""
+    from supervisor.storage import new_job
+
+    if not command and len(target) != 1:
+        raise ConfigError("give exactly one TARGET (or use --command -- ARGV...)")
+    if command and (args or kwargs):
+        raise ConfigError("--args and --kwargs do not apply to --command jobs; put arguments in ARGV")
+    run_at, delay = parse_when(at) if at else (None, 0.0)
+    q = open_queue(config)
+    spec = new_job(
+        None if command else target[0],
+        parse_json_option(args, "--args", list) or [],
+        parse_json_option(kwargs, "--kwargs", dict),
+        command=list(target) if command else None,
+        queue=queue,
+        priority=priority,
+        max_attempts=max_attempts or q.config.jobs.max_attempts,
+        max_interruptions=q.config.jobs.max_interruptions,
+        run_at=run_at,
+        delay=delay,
+    )
+    (job_id,) = q.storage.enqueue(spec)
+    if not any(queue in s.queues for s in q.storage.servers(states=("running",))):
+        typer.echo(f"shiftchange: note: no running server serves queue {queue!r} yet; the job waits for one", err=True)
+    typer.echo(job_id)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
+
+
+@app.command()
+@reports_errors
+def status(config: ConfigOption = None, json_: JsonOption = False):
+    """Servers (with heartbeat age and jobs in flight) and job counts."""
+    from rich.console import Console
+    from rich.table import Table
+
+    q = open_queue(config)
+    servers = q.servers()
+    counts, queues = q.counts(), q.queue_counts()
+    if json_:
+        print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues})
+        return
+    table = Table("id", "name", "host", "pid", "state", "heartbeat", "jobs", title="servers")
+    for s in servers:
+        table.add_row(s.id, s.name, s.host, str(s.pid), s.state, _age(s.heartbeat_age) + " ago",
+                      ",".join(map(str, s.jobs)) or "-")
+    console = Console()
+    console.print(table)
+    totals = Table("queue", *counts.keys(), title="jobs")
+    for name, by_state in sorted(queues.items()):
+        totals.add_row(name, *(str(by_state.get(state, 0)) for state in counts))
+    totals.add_row("all", *(str(n) for n in counts.values()))
+    console.print(totals)
+
+
+@app.command()
+@reports_errors
+def jobs(
+    state: Annotated[Optional[str], typer.Option(help="enqueued, scheduled, processing, succeeded or failed.")] = None,
+    queue: Annotated[Optional[str], typer.Option("--queue", "-q")] = None,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+    config: ConfigOption = None,
+    json_: JsonOption = False,
+):
+    """List jobs, newest first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from supervisor.records import JOB_STATES
+
+    if state is not None and state not in JOB_STATES:
+        raise ConfigError(f"--state {state!r} is not one of {', '.join(JOB_STATES)}")
+    found = open_queue(config).jobs(state=state, queue=queue, limit=limit)
+    if json_:
+        print_json([job.to_dict() for job in found])
+        return
+    table = Table("id", "state", "queue", "target", "attempts", "interruptions", "server", "error")
+    for job in found:
+        error = (job.error or "").strip().splitlines()[-1:] or [""]
+        table.add_row(str(job.id), job.state, job.queue, job.target, str(job.attempts),
+                      str(job.interruptions), job.server or "-", error[0][:60])
+    Console().print(table)
+
+
+@app.command()
+@reports_errors
+def job(job_id: Annotated[int, typer.Argument(metavar="ID")], config: ConfigOption = None, json_: JsonOption = False):
+    """One job with its checkpoint and event history."""
+    found = open_queue(config).get(job_id)
+    if json_:
+        print_json(found.to_dict())
+        return
+    data = found.to_dict()
+    for key in ("id", "state", "queue", "kind", "target", "args", "kwargs", "priority", "attempts",
+                "interruptions", "server", "created_at", "started_at", "finished_at", "checkpoint"):
+        typer.echo(f"{key:>14}: {json.dumps(data[key]) if key in ('args', 'kwargs', 'checkpoint') else data[key]}")
+    if found.error:
+        typer.echo(f"{'error':>14}:\n{found.error.rstrip()}")
+    typer.echo("events:")
+    for e in found.events:
+        typer.echo(f"  {e.to_dict()['at']}  {e.kind:<15} {e.server or '-':<32} {e.detail or ''}")
+
+
+# --- operator actions ----------------------------------------------------------------------
+
+
+@app.command()
+@reports_errors
+def requeue(job_ids: Annotated[list[int], typer.Argument(metavar="ID...")], config: ConfigOption = None):
+    """Put jobs back in the queue now (new lease: an old run can record nothing)."""
+    q = open_queue(config)
+    for job_id in job_ids:
+        q.requeue(job_id)
+        typer.echo(f"requeued job {job_id}")
+
+
+@app.command()
+@reports_errors
+def delete(job_ids: Annotated[list[int], typer.Argument(metavar="ID...")], config: ConfigOption = None):
+    """Delete jobs and their history."""
+    q = open_queue(config)
+    for job_id in job_ids:
+        q.delete(job_id)
+        typer.echo(f"deleted job {job_id}")
+
+
+@app.command()
+@reports_errors
+def handoff(
+    server: Annotated[Optional[list[str]], typer.Option("--server", "-s", help="Server name or id; repeat for more (default: every running server on this host).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for each local supervisor to exit before SIGKILL.")] = 10.0,
+    config: ConfigOption = None,
+    json_: JsonOption = False,
+):
+    """For pre-stop hooks and deploy scripts: requeue the servers' in-flight
+    jobs in one transaction, then stop their supervisors on this host."""
+    from supervisor.handoff import hand_off
+
+    q = open_queue(config)
+    reports = hand_off(q.storage, server, timeout)
+    if json_:
+        print_json(reports)
+        return
+    if not reports:
+        typer.echo("no running server to hand off")
+    for r in reports:
+        typer.echo(f"server {r['name']} ({r['id']}): requeued jobs {r['jobs']}; {r['supervisor']}")
+
+
+@app.command()
+@reports_errors
+def reap(config: ConfigOption = None, json_: JsonOption = False):
+    """One pass of dead-server detection: requeue the jobs of servers whose heartbeat stopped."""
+    taken = open_queue(config).storage.reap()
+    if json_:
+        print_json({"requeued": [t.id for t in taken if not t.failed], "failed": [t.id for t in taken if t.failed]})
+        return
+    typer.echo(f"requeued {len([t for t in taken if not t.failed])} jobs" +
+               (f", failed {len([t for t in taken if t.failed])} past max_interruptions" if any(t.failed for t in taken) else ""))
+
+
+@db_app.command("upgrade")
+@reports_errors
+def db_upgrade(config: ConfigOption = None):
+    """Create or upgrade the schema to this release's version."""
+    from supervisor.database import current_revision, head_revision, make_engine, mask_url, upgrade
+
+    settings = load_config(config)
+    engine = make_engine(settings.database.url)
+    before = current_revision(engine) if _reachable(engine) else None
+    upgrade(engine)
+    typer.echo(f"{mask_url(settings.database.url)}: schema {before or 'none'} -> {head_revision()}")
+
+
+def _reachable(engine) -> bool:
+    from sqlalchemy.exc import DBAPIError
+
+    from supervisor.database import unavailable
+
+    try:
+        with engine.connect():
+            return True
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from None
+
+
+@config_app.command("check")
+@reports_errors
+def config_check(config: ConfigOption = None, json_: JsonOption = False):
+    """Validate the config and print the effective values (password masked)."""
+    import yaml
+
+    settings = load_config(config)
+    data = settings.to_dict(mask=True)
+    if json_:
+        print_json({"source": settings.source, "config": data})
+        return
+    typer.echo(f"# effective config from {settings.source or 'built-in defaults'}")
+    typer.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@app.command()
+@reports_errors
+def demo(
+    jobs_count: Annotated[int, typer.Option("--jobs", min=1, max=8, help="Long jobs to run across the deploy.")] = 3,
+):
+    """See a deploy hand jobs over: runs offline on a temporary SQLite database."""
+    from supervisor.demo import run_demo
+
+    raise typer.Exit(run_demo(jobs_count))
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:  # raised before a command's own handler
+        fail(str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:
+        sys.exit(130)

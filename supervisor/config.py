@@ -1,0 +1,330 @@
+"""The YAML configuration: where it is found, what each key means, and
+errors that name the key, the file and the line.
+
+Every key is declared once in SCHEMA with its parser and default; the frozen
+dataclasses below are what the rest of the code receives.
+"""
+
+import difflib
+import os
+import re
+import socket
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from supervisor.database import mask_url
+from supervisor.errors import ConfigError
+
+DEFAULT_FILE = "shiftchange.yaml"
+ENV_FILE = "SHIFTCHANGE_CONFIG"
+ENV_URL = "SHIFTCHANGE_DATABASE_URL"
+
+
+# --- value parsers: each takes the YAML value, returns it or raises ValueError --
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value) -> float:
+    """`500ms`, `2s`, `1m30s`, `7d`, or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 500ms, 2s or 1m30s")
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().replace(" ", "")
+        if not text or _DURATION_PART.sub("", text):
+            raise ValueError(f"{value!r} is not a duration (examples: 500ms, 2s, 1m30s, 7d)")
+        seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+    if seconds < 0:
+        raise ValueError("a duration cannot be negative")
+    return seconds
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|kib|mib|gib)?$", re.I)
+_SIZE_BYTES = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def parse_size(value) -> int | None:
+    """`512MiB`, `2GB`, a number of bytes, or null/0 for no limit."""
+    if value in (None, 0, "0", "none", "null"):
+        return None
+    match = _SIZE.match(str(value).strip())
+    if not match or isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a size (examples: 512MiB, 2GB)")
+    return int(float(match.group(1)) * _SIZE_BYTES[(match.group(2) or "b").lower()])
+
+
+def parse_positive_int(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"expected a whole number >= 1, got {value!r}")
+    return value
+
+
+def parse_count(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"expected a whole number >= 0, got {value!r}")
+    return value
+
+
+def parse_text(value) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value
+
+
+def parse_text_list(value) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"expected a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def parse_choice(*choices):
+    def parse(value) -> str:
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+    return parse
+
+
+# --- the configuration ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str = "sqlite:///shiftchange.db"
+    retry_for: float = 60.0  # how long `run` retries an unreachable database
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str = field(default_factory=socket.gethostname)
+    queues: tuple[str, ...] = ("default",)
+    concurrency: int = field(default_factory=lambda: os.cpu_count() or 1)
+    heartbeat_interval: float = 1.0
+    dead_after: float = 10.0
+    poll_interval: float = 0.2
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    drain: float = 0.0
+    kill_after: float = 2.0
+
+
+@dataclass(frozen=True)
+class JobsConfig:
+    allow: tuple[str, ...] = ()
+    allow_commands: tuple[str, ...] = ()
+    max_attempts: int = 3
+    max_interruptions: int = 10
+    retry_backoff: float = 10.0
+    keep_finished: float = 7 * 86400.0
+    memory_limit: int | None = None  # bytes per job's process tree
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str | None = None  # the file it was read from, if any
+
+    def with_overrides(self, **server_values) -> "Config":
+        """A copy with `server.*` values replaced where they are not None."""
+        chosen = {k: v for k, v in server_values.items() if v not in (None, (), [])}
+        return replace(self, server=replace(self.server, **chosen)) if chosen else self
+
+    def to_dict(self, mask: bool = True) -> dict:
+        """The effective config, with the database password masked."""
+        data = {}
+        for section in fields(self):
+            if section.name == "source":
+                continue
+            values = getattr(self, section.name)
+            data[section.name] = {
+                f.name: list(v) if isinstance(v := getattr(values, f.name), tuple) else v
+                for f in fields(values)
+            }
+        if mask:
+            data["database"]["url"] = mask_url(self.database.url)
+        return data
+
+
+SCHEMA = {
+    "database": {"url": parse_text, "retry_for": parse_duration},
+    "server": {
+        "name": parse_text,
+        "queues": parse_text_list,
+        "concurrency": parse_positive_int,
+        "heartbeat_interval": parse_duration,
+        "dead_after": parse_duration,
+        "poll_interval": parse_duration,
+    },
+    "shutdown": {"drain": parse_duration, "kill_after": parse_duration},
+    "jobs": {
+        "allow": parse_text_list,
+        "allow_commands": parse_text_list,
+        "max_attempts": parse_positive_int,
+        "max_interruptions": parse_count,
+        "retry_backoff": parse_duration,
+        "keep_finished": parse_duration,
+        "memory_limit": parse_size,
+    },
+    "log": {"format": parse_choice("text", "json"), "level": parse_choice("debug", "info", "warning", "error")},
+}
+SECTIONS = {"database": DatabaseConfig, "server": ServerConfig, "shutdown": ShutdownConfig, "jobs": JobsConfig, "log": LogConfig}
+
+
+# --- finding and reading the file ------------------------------------------------
+
+
+def find_config_file(path: str | None) -> Path | None:
+    """--config, else $SHIFTCHANGE_CONFIG, else ./shiftchange.yaml if present."""
+    if path:
+        chosen = Path(path)
+    elif os.environ.get(ENV_FILE):
+        chosen = Path(os.environ[ENV_FILE])
+    else:
+        default = Path(DEFAULT_FILE)
+        return default if default.is_file() else None
+    if not chosen.is_file():
+        raise ConfigError(f"config file {chosen} does not exist")
+    return chosen
+
+
+def load_config(path: str | None = None) -> Config:
+    """The effective configuration; ConfigError on anything wrong."""
+    found = find_config_file(path)
+    config = _read_file(found) if found else Config()
+    if os.environ.get(ENV_URL):
+        config = replace(config, database=replace(config.database, url=os.environ[ENV_URL]))
+    return config
+
+
+def _read_file(path: Path) -> Config:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    sections = {}
+    if root is not None:
+        for name, node in _mapping(root, path, "the top level"):
+            sections[name] = _read_section(path, name, node)
+    config = Config(source=str(path), **sections)
+    _check_relations(config, path, root)
+    return config
+
+
+def _mapping(node, path, what):
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError(f"{path}:{node.start_mark.line + 1}: {what} must be a mapping of keys")
+    for key_node, value_node in node.value:
+        yield key_node.value, (key_node, value_node)
+
+
+def _read_section(path, name, nodes):
+    key_node, value_node = nodes
+    if name not in SCHEMA:
+        raise ConfigError(_unknown(path, key_node, name, SCHEMA))
+    if isinstance(value_node, yaml.ScalarNode) and value_node.value in ("", "~", "null"):
+        return SECTIONS[name]()
+    values = {}
+    for key, (k_node, v_node) in _mapping(value_node, path, f"section {name!r}"):
+        if key not in SCHEMA[name]:
+            raise ConfigError(_unknown(path, k_node, f"{name}.{key}", SCHEMA[name], prefix=name))
+        raw = _expand(yaml.safe_load(yaml.serialize(v_node)), path, v_node, f"{name}.{key}")
+        try:
+            values[key] = SCHEMA[name][key](raw)
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{v_node.start_mark.line + 1}: {name}.{key}: {exc}") from None
+    return SECTIONS[name](**values)
+
+
+def _unknown(path, node, key, known, prefix=None) -> str:
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, list(known), n=1)
+    hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
+    return f"{path}:{node.start_mark.line + 1}: unknown key {key!r}{hint}"
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _expand(value, path, node, key):
+    """${VAR} and ${VAR:-default} in strings, from the environment."""
+    if isinstance(value, list):
+        return [_expand(v, path, node, key) for v in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match):
+        name, default = match.group(1), match.group(2)
+        if name in os.environ:
+            return os.environ[name]
+        if default is not None:
+            return default
+        raise ConfigError(
+            f"{path}:{node.start_mark.line + 1}: {key}: environment variable {name} is not set "
+            f"(write ${{{name}:-default}} to give a default)"
+        )
+
+    expanded = _ENV_REF.sub(substitute, value)
+    # A value that was only a reference is re-read as YAML, so `${N:-4}` is 4.
+    if _ENV_REF.fullmatch(value):
+        try:
+            return yaml.safe_load(expanded) if expanded else expanded
+        except yaml.YAMLError:
+            return expanded
+    return expanded
+
+
+def _check_relations(config: Config, path, root) -> None:
+    """Rules between keys, reported at the line of the key that breaks them."""
+    server = config.server
+    rules = [
+        (server.heartbeat_interval > 0, "server.heartbeat_interval", "must be greater than 0"),
+        (server.poll_interval > 0, "server.poll_interval", "must be greater than 0"),
+        (
+            server.dead_after > server.heartbeat_interval,
+            "server.dead_after",
+            f"({server.dead_after:g}s) must be greater than server.heartbeat_interval "
+            f"({server.heartbeat_interval:g}s); 5 to 10 heartbeats is a good choice",
+        ),
+    ]
+    for ok, key, message in rules:
+        if not ok:
+            raise ConfigError(f"{path}:{_line_of(root, key)}: {key} {message}")
+
+
+def _line_of(root, dotted: str) -> int:
+    node = root
+    for part in dotted.split("."):
+        for key_node, value_node in getattr(node, "value", []) or []:
+            if getattr(key_node, "value", None) == part:
+                line, node = key_node.start_mark.line + 1, value_node
+                break
+        else:
+            return 1
+    return line

@@ -1,0 +1,53 @@
+"""The database clock, as one SQL expression per dialect.
+
+Every time that is compared across hosts (heartbeats, dead-server detection,
+holds, retry times) is taken from the database, never from this host, so a
+host whose clock is wrong cannot reap a live server early or keep a dead one
+alive. Times are stored as float seconds since the Unix epoch (UTC): the same
+arithmetic and comparisons on SQLite, PostgreSQL and MySQL/MariaDB.
+"""
+
+from datetime import datetime, timezone
+
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.expression import FunctionElement
+from sqlalchemy.types import Float
+
+
+class db_now(FunctionElement):
+    """The database's current time in epoch seconds."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(db_now, "postgresql")
+def _pg_now(element, compiler, **kw):
+    # clock_timestamp(), not now(): now() is frozen at transaction start.
+    return "extract(epoch from clock_timestamp())::float8"
+
+
+@compiles(db_now, "mysql")
+@compiles(db_now, "mariadb")
+def _mysql_now(element, compiler, **kw):
+    return "(UNIX_TIMESTAMP(SYSDATE(6)) + 0e0)"
+
+
+@compiles(db_now, "sqlite")
+def _sqlite_now(element, compiler, **kw):
+    return "((julianday('now') - 2440587.5) * 86400.0)"
+
+
+def to_datetime(epoch: float | None) -> datetime | None:
+    """An epoch float from storage as an aware UTC datetime."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=timezone.utc)
+
+
+def to_iso(epoch: float | None) -> str | None:
+    """An epoch float as ISO 8601 UTC with a Z, for JSON output."""
+    moment = to_datetime(epoch)
+    if moment is None:
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

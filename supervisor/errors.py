@@ -1,0 +1,54 @@
+"""Errors that shiftchange reports to people, each with its exit code.
+
+An expected error is one of these and is printed as one clear line; anything
+else is a bug and keeps its traceback.
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+class ShiftchangeError(Exception):
+    """Base class: a failure we can explain in one line."""
+
+    exit_code = EXIT_FAILURE
+
+
+class ConfigError(ShiftchangeError):
+    """The configuration or the command line is wrong (exit 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class InvalidJob(ShiftchangeError):
+    """A job cannot be enqueued as given (bad target, args, queue...)."""
+
+    exit_code = EXIT_USAGE
+
+
+class StorageUnavailable(ShiftchangeError):
+    """The database cannot be reached (after retries where they apply)."""
+
+
+class SchemaOutOfDate(ShiftchangeError):
+    """The database schema is missing or older than this release expects."""
+
+
+class JobNotFound(ShiftchangeError):
+    """No job has the given id."""
+
+
+class LeaseLost(Exception):
+    """This run of the job no longer holds its lease: another server owns the
+    job now (it was handed off or its server was reaped). Job code should let
+    it propagate; nothing this run writes will be recorded."""
+
+
+class HandOff(Exception):
+    """Raised by job code to give the job back to the queue as handed off,
+    after saving a checkpoint. It does not use up an attempt."""
+
+
+class NotInJob(RuntimeError):
+    """current_job() was called outside a running shiftchange job."""

@@ -1,0 +1,81 @@
+"""`shiftchange handoff`: stop servers from outside, for pre-stop hooks and
+deploy scripts, even when a supervisor is frozen or unresponsive.
+
+1. One transaction: the servers become `stopping`, their in-flight jobs are
+   requeued and held for the server's dead_after (by then a supervisor that
+   never heard of this has fenced its children: see jobprocess.py).
+2. Each supervisor on this host, if its pid and start time still match the
+   registered server (a recycled pid is never signalled), gets SIGTERM; if
+   it has not exited within `timeout`, SIGKILL (its children die with it).
+3. Once its whole process tree is gone, the hold on its jobs is released so
+   another server starts them at once, and it is marked `stopped`.
+"""
+
+import os
+import signal
+import socket
+
+import psutil
+
+from supervisor.processes import clock, is_same_process
+from supervisor.storage import LIVE_SERVER_STATES, Storage
+
+
+def choose_servers(storage: Storage, wanted: list[str] | None):
+    """Servers named (by name or id) in `wanted`, else every live server
+    registered from this host."""
+    live = storage.servers(states=LIVE_SERVER_STATES)
+    if wanted:
+        return [s for s in live if s.id in wanted or s.name in wanted]
+    host = socket.gethostname()
+    return [s for s in live if s.host == host]
+
+
+def hand_off(storage: Storage, wanted: list[str] | None, timeout: float) -> list[dict]:
+    reports = []
+    chosen = choose_servers(storage, wanted)
+    reason = f"`shiftchange handoff` from {socket.gethostname()} (pid {os.getpid()})"
+    for server in chosen:
+        held = storage.handoff(server.id, server.dead_after, reason)
+        report = {"id": server.id, "name": server.name, "host": server.host,
+                  "jobs": [job.id for job in held if not job.failed],
+                  "failed": [job.id for job in held if job.failed]}
+        if server.host == socket.gethostname() and is_same_process(server.pid, server.pid_started_at):
+            report["supervisor"] = stop_local_supervisor(server.pid, timeout)
+            storage.release_handoff(server.id, held)
+        elif server.host == socket.gethostname():
+            report["supervisor"] = f"pid {server.pid} is not running"
+            storage.release_handoff(server.id, held)
+        else:
+            report["supervisor"] = (
+                f"on host {server.host}: it stops at its next heartbeat; "
+                f"the jobs are held until then (at most {server.dead_after:g}s)"
+            )
+        reports.append(report)
+    return reports
+
+
+def stop_local_supervisor(pid: int, timeout: float) -> str:
+    """SIGTERM, wait up to `timeout`, then SIGKILL; wait until the whole tree
+    it had is gone. Returns what happened, in words."""
+    try:
+        supervisor = psutil.Process(pid)
+        tree = [supervisor, *supervisor.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return f"pid {pid} had already exited"
+    began = clock()
+    supervisor.send_signal(signal.SIGTERM)
+    supervisor.send_signal(signal.SIGCONT)  # a frozen one must wake to exit
+    _, alive = psutil.wait_procs([supervisor], timeout=timeout)
+    how = "exited"
+    if alive:
+        supervisor.kill()
+        how = f"did not exit within {timeout:g}s: killed"
+    _, left = psutil.wait_procs(tree, timeout=10)
+    for proc in left:  # children die with their supervisor; make sure
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(left, timeout=5)
+    return f"supervisor pid {pid} {how} after {clock() - began:.2f}s"

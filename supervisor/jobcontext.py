@@ -1,0 +1,67 @@
+"""What job code sees of shiftchange: `from supervisor import current_job`."""
+
+import threading
+
+from supervisor.errors import LeaseLost, NotInJob
+from supervisor.storage import to_json
+
+_current = None
+
+
+class JobContext:
+    """The running job: its id, attempt, saved progress and stop notice."""
+
+    def __init__(self, job, lease: int, server_id: str, open_storage):
+        self.id: int = job.id
+        self.attempt: int = job.attempts
+        self.interruptions: int = job.interruptions
+        self.checkpoint_data = job.checkpoint
+        self._lease = lease
+        self._server_id = server_id
+        self._open_storage = open_storage
+        self._storage = None
+        self._stopping = threading.Event()
+
+    def checkpoint(self, data) -> None:
+        """Save `data` (JSON-serialisable) as this job's progress. A resumed
+        run, here or on another server, starts with it as checkpoint_data.
+        Raises LeaseLost if this run no longer owns the job (it was handed
+        off or its server was declared dead): let it propagate."""
+        try:
+            text = to_json(data, "checkpoint data")
+        except Exception as exc:  # InvalidJob, but job code expects TypeError
+            raise TypeError(str(exc)) from None
+        if self._storage is None:
+            self._storage = self._open_storage()
+        if not self._storage.checkpoint(self.id, self._lease, self._server_id, text):
+            raise LeaseLost(
+                f"job {self.id} was taken from this run (handed off or reaped); "
+                "its checkpoint was not saved"
+            )
+        self.checkpoint_data = data
+
+    @property
+    def stopping(self) -> bool:
+        """True once the supervisor has begun shutting down: save a
+        checkpoint and raise HandOff to resume elsewhere."""
+        return self._stopping.is_set()
+
+    def wait_stopping(self, timeout: float | None = None) -> bool:
+        """Block until the stop notice comes or `timeout` passes; returns
+        `stopping`."""
+        return self._stopping.wait(timeout)
+
+    def _notice_stop(self) -> None:
+        self._stopping.set()
+
+
+def current_job() -> JobContext:
+    """The context of the job running in this process, or NotInJob."""
+    if _current is None:
+        raise NotInJob("current_job() is only available inside a running shiftchange job")
+    return _current
+
+
+def _enter(context: JobContext | None) -> None:
+    global _current
+    _current = context

@@ -1,0 +1,328 @@
+"""Everything that runs inside a child: the child itself, and the job's process.
+
+A child is forked by the supervisor for one job. It becomes the leader of a
+new session and process group, a subreaper, and forks the job's process
+below it. The child never runs job code: it stays small so that it can
+always do its three duties, whatever the job's code is doing:
+
+- kill the job's whole tree when the supervisor dies (lifeline EOF), even
+  grandchildren that left the group;
+- kill it when the supervisor stops renewing the lease deadline (the
+  supervisor is frozen or cannot reach the database), one heartbeat before
+  another server could declare that supervisor dead, so a job never runs in
+  two places at once;
+- report how the job's process ended.
+
+Messages to the supervisor are JSON lines on the results pipe.
+The lifeline carries `S` (stop notice) and `R<deadline>` (renewal) lines.
+"""
+
+import errno
+import json
+import os
+import select
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+
+from supervisor import jobcontext
+from supervisor.errors import HandOff, LeaseLost
+from supervisor.processes import (
+    become_subreaper,
+    clock,
+    close_fds_except,
+    describe_status,
+    die_with_parent,
+    kill_tree,
+)
+from supervisor.records import Job
+from supervisor.targets import AllowList, resolve_callable
+
+CHECKPOINT_FD = 3  # where a command job writes checkpoint lines
+HANDOFF_EXIT_CODE = 75  # EX_TEMPFAIL: a command's way of raising HandOff
+_RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
+                  signal.SIGPIPE, signal.SIGXFSZ, signal.SIGQUIT)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What a child needs to run one job; crosses fork() as memory."""
+
+    job: Job
+    server_id: str
+    database_url: str
+    allow: AllowList
+
+
+def open_storage(url: str):
+    """A fresh connection for this process; never reuse the parent's."""
+    from supervisor.database import make_engine
+    from supervisor.storage import Storage
+
+    return Storage(make_engine(url))
+
+
+def send(fd: int, **message) -> None:
+    """Write one message line; a supervisor that is gone cannot read it."""
+    data = (json.dumps(message) + "\n").encode()
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        pass
+
+
+def run_child(assignment: Assignment, lifeline: int, results: int, deadline: float):
+    """Entry point right after fork() in the supervisor. Never returns."""
+    code = 70
+    try:
+        code = Child(assignment, lifeline, results, deadline).run()
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        os._exit(code)
+
+
+class Child:
+    def __init__(self, assignment, lifeline, results, deadline):
+        self.assignment = assignment
+        self.lifeline = lifeline
+        self.results = results
+        self.deadline = deadline
+        self.job_pid = None
+        self.job_status = None
+        self.stop_noticed = False
+        self.inbox = b""
+
+    def run(self) -> int:
+        os.setsid()  # leader of a new session and process group
+        become_subreaper()
+        close_fds_except({self.lifeline, self.results})
+        self.wakeup = self._own_signals()
+        job = self.assignment.job
+        if job.kind == "command":
+            self.notice, job_end = os.pipe()  # checkpoint lines from the command
+            self.job_pid = os.fork()
+            if self.job_pid == 0:
+                exec_command(self.assignment, self.results, job_end)
+        else:
+            job_end, self.notice = os.pipe()  # stop notices to the job's process
+            self.job_pid = os.fork()
+            if self.job_pid == 0:
+                run_callable(self.assignment, self.results, job_end, (self.lifeline, self.notice, self.wakeup))
+        os.close(job_end)
+        ended = self._watch()
+        self._clean_up_tree()
+        if ended:
+            send(self.results, event="exit", how=describe_status(self.job_status),
+                 code=os.waitstatus_to_exitcode(self.job_status), stop_noticed=self.stop_noticed)
+        return 0
+
+    def _own_signals(self) -> int:
+        """Replace the supervisor's handlers: the child outlives SIGTERM to
+        its group (it must report and clean up after the job), and wakes on
+        SIGCHLD through a wakeup pipe."""
+        signal.set_wakeup_fd(-1)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        for sig in _RESET_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD):
+            signal.signal(sig, lambda *_: None)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        return wake_r
+
+    def _watch(self) -> bool:
+        """Wait for the job's process to end. False when it was killed
+        because the supervisor is gone or stopped renewing the deadline."""
+        watched = [self.lifeline, self.wakeup]
+        if self.assignment.job.kind == "command":
+            watched.append(self.notice)
+        while True:
+            timeout = self.deadline - clock()
+            if timeout <= 0:
+                send(self.results, event="fenced", reason="the supervisor stopped renewing the lease")
+                return False
+            try:
+                ready, _, _ = select.select(watched, [], [], timeout)
+            except InterruptedError:
+                ready = []
+            if self.lifeline in ready and not self._read_lifeline():
+                return False
+            if self.wakeup in ready:
+                os.read(self.wakeup, 4096)
+            if self.assignment.job.kind == "command" and self.notice in ready:
+                if not self._read_checkpoints():
+                    watched.remove(self.notice)
+            if self._reap():
+                return True
+
+    def _read_lifeline(self) -> bool:
+        data = os.read(self.lifeline, 4096)
+        if not data:
+            return False  # the supervisor is gone: nobody may keep running
+        self.inbox += data
+        *lines, self.inbox = self.inbox.split(b"\n")
+        for line in lines:
+            if line == b"S":
+                self._notice_stop()
+            elif line.startswith(b"R"):
+                self.deadline = float(line[1:])
+        return True
+
+    def _notice_stop(self):
+        if self.stop_noticed:
+            return
+        self.stop_noticed = True
+        if self.assignment.job.kind == "command":
+            _signal(self.job_pid, signal.SIGTERM)  # a script's stop notice
+        else:
+            try:
+                os.write(self.notice, b"S")
+            except OSError:
+                pass
+
+    def _read_checkpoints(self) -> bool:
+        """Command jobs write one JSON document a line to fd 3."""
+        data = os.read(self.notice, 1 << 20)
+        if not data:
+            return False
+        self.checkpoint_buffer = getattr(self, "checkpoint_buffer", b"") + data
+        *lines, self.checkpoint_buffer = self.checkpoint_buffer.split(b"\n")
+        for line in filter(None, (line.strip() for line in lines)):
+            self._save_checkpoint(line)
+        return True
+
+    def _save_checkpoint(self, line: bytes) -> None:
+        job = self.assignment.job
+        try:
+            json.loads(line)
+        except ValueError:
+            send(self.results, event="result", outcome="failed",
+                 error=f"checkpoint written to fd {CHECKPOINT_FD} is not JSON: {line[:200]!r}")
+            _signal(self.job_pid, signal.SIGKILL)
+            return
+        if not hasattr(self, "storage"):
+            self.storage = open_storage(self.assignment.database_url)
+        if not self.storage.checkpoint(job.id, job.lease, self.assignment.server_id, line.decode()):
+            send(self.results, event="result", outcome="lease_lost", error="checkpoint refused: lease lost")
+            _signal(self.job_pid, signal.SIGKILL)
+
+    def _reap(self) -> bool:
+        """Collect every exited child (orphans re-parent to us); True once
+        the job's own process has ended."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return self.job_status is not None
+            if pid == 0:
+                return self.job_status is not None
+            if pid == self.job_pid:
+                self.job_status = status
+
+    def _clean_up_tree(self) -> None:
+        """Nothing the job started may outlive it: kill what is left of the
+        tree (grandchildren that left the group included) and reap it."""
+        kill_tree(os.getpid(), include_root=False)
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+            except InterruptedError:
+                continue
+
+
+def _signal(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# --- the job's own process ---------------------------------------------------------
+
+
+def _become_job_process():
+    die_with_parent()  # if the child dies, so does the job
+    if os.getppid() == 1:
+        os._exit(1)
+    signal.set_wakeup_fd(-1)
+    for sig in _RESET_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def run_callable(assignment: Assignment, results: int, stop_notices: int, close: tuple):
+    """Import and call the job's target; report how it ended. Never returns."""
+    for fd in close:
+        os.close(fd)
+    _become_job_process()
+    job = assignment.job
+    context = jobcontext.JobContext(
+        job, job.lease, assignment.server_id, lambda: open_storage(assignment.database_url)
+    )
+    threading.Thread(target=_watch_stop_notices, args=(stop_notices, context), daemon=True).start()
+    jobcontext._enter(context)
+    outcome, error = "succeeded", None
+    try:
+        assignment.allow.check_callable(job.target)  # again, before any import
+        function = resolve_callable(job.target)
+        function(*job.args, **job.kwargs)
+    except HandOff as exc:
+        outcome, error = "handoff", str(exc) or "the job raised HandOff"
+    except LeaseLost as exc:
+        outcome, error = "lease_lost", str(exc)
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            outcome, error = "failed", f"the job called sys.exit({exc.code!r})"
+    except BaseException:
+        outcome, error = "failed", traceback.format_exc()
+    _flush_stdio()
+    send(results, event="result", outcome=outcome, error=error)
+    os._exit(0)
+
+
+def _watch_stop_notices(fd: int, context) -> None:
+    try:
+        if os.read(fd, 1):
+            context._notice_stop()
+    except OSError:
+        pass
+
+
+def exec_command(assignment: Assignment, results: int, checkpoint_fd: int):
+    """Replace this process with the job's command. Never returns."""
+    job = assignment.job
+    _become_job_process()
+    if results == CHECKPOINT_FD:
+        results = os.dup(results)
+    try:
+        path = assignment.allow.check_command(job.target)
+        os.dup2(checkpoint_fd, CHECKPOINT_FD)
+        os.set_inheritable(CHECKPOINT_FD, True)  # the only fd the command inherits
+        env = dict(os.environ)
+        env.update(
+            SHIFTCHANGE_JOB_ID=str(job.id),
+            SHIFTCHANGE_ATTEMPT=str(job.attempts),
+            SHIFTCHANGE_INTERRUPTIONS=str(job.interruptions),
+            SHIFTCHANGE_CHECKPOINT="" if job.checkpoint is None else json.dumps(job.checkpoint),
+            SHIFTCHANGE_CHECKPOINT_FD=str(CHECKPOINT_FD),
+        )
+        _flush_stdio()
+        os.execve(path, job.argv, env)
+    except BaseException as exc:
+        reason = str(exc) if not isinstance(exc, OSError) else f"cannot execute {job.target!r}: {exc.strerror}"
+        send(results, event="result", outcome="failed", error=reason)
+        os._exit(127)
+
+
+def _flush_stdio():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,420 @@
+"""The supervisor: one process, one thread, one loop. It never runs job code.
+
+Signal handlers only queue the signal (and wake the loop through a pipe);
+the loop waits on that pipe and on the children's result pipes with a
+timeout, then does whatever is due: collect finished children and record
+their outcome, heartbeat (which also reaps dead servers), claim new jobs.
+The shutdown sequence lives in shutdown.py and is called from here.
+"""
+
+import logging
+import os
+import select
+import signal
+import socket
+
+from supervisor import systemd
+from supervisor.children import RunningJob, spawn
+from supervisor.config import Config
+from supervisor.database import ensure_schema, make_engine
+from supervisor.errors import EXIT_OK, StorageUnavailable
+from supervisor.jobprocess import Assignment
+from supervisor.logs import event
+from supervisor.processes import (
+    become_subreaper,
+    clock,
+    is_same_process,
+    kill_tree,
+    start_time,
+    tree_rss,
+)
+from supervisor.records import Job
+from supervisor.storage import LIVE_SERVER_STATES, Storage
+from supervisor.targets import AllowList, TargetRefused
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SWEEP_EVERY_S = 300.0
+KILL_REAP_TIMEOUT_S = 5.0  # SIGKILLed processes in D state may take a moment
+MAX_BACKOFF_S = 5.0
+
+
+class Supervisor:
+    def __init__(self, config: Config):
+        self.config = config
+        self.allow = AllowList(config.jobs.allow, config.jobs.allow_commands)
+        self.storage: Storage | None = None
+        self.server_id: str | None = None
+        self.running: dict[int, RunningJob] = {}  # by child pid
+        self.signals: list[int] = []
+        self.stop_signal: int | None = None  # the signal that began shutdown
+        self.hurry = False  # a second stop signal: skip what waiting is left
+        self.claiming = True
+        self.dropping = False  # outcomes are not ours to record any more
+        self.exit_requested = False
+        self.pending: list[tuple[Job, str, str | None]] = []  # outcomes to record
+        self.last_beat_sent = clock()
+        self.beat_failing_since: float | None = None
+        self.fenced = False  # we killed our children for want of a heartbeat
+        self.next_beat = self.next_claim = self.next_sweep = 0.0
+        self.next_watchdog = 0.0
+        self.watchdog = systemd.watchdog_interval()
+
+    # --- signals -----------------------------------------------------------------
+
+    def install_signals(self) -> None:
+        self.wakeup_r, wakeup_w = os.pipe()
+        os.set_blocking(self.wakeup_r, False)
+        os.set_blocking(wakeup_w, False)
+        signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
+        for sig in (*STOP_SIGNALS, signal.SIGCHLD):
+            signal.signal(sig, self._queue_signal)
+
+    def _queue_signal(self, signum, _frame) -> None:
+        # Only queue: logging, killing and waiting happen in the loop.
+        self.signals.append(signum)
+
+    def handle_signals(self) -> None:
+        while self.signals:
+            signum = self.signals.pop(0)
+            if signum == signal.SIGCHLD:
+                continue  # collect_children runs on every wake-up anyway
+            if self.stop_signal is None:
+                self.stop_signal = signum
+                event("received %s: shutting down", signal.Signals(signum).name, event="signal")
+            elif not self.hurry:
+                self.hurry = True
+                event("received %s again: skipping the waits", signal.Signals(signum).name, event="signal")
+
+    def wait(self, timeout: float) -> None:
+        """Sleep until a signal, a child's message, or `timeout` seconds."""
+        fds = [self.wakeup_r, *(child.results for child in self.running.values())]
+        try:
+            select.select(fds, [], [], max(0.0, timeout))
+        except InterruptedError:
+            pass
+        try:
+            while os.read(self.wakeup_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self.handle_signals()
+
+    # --- start -------------------------------------------------------------------
+
+    def start(self) -> bool:
+        """Connect (retrying with backoff), create the schema on an empty
+        database, reap our own dead previous incarnation, register. False
+        when a stop signal came first."""
+        give_up_at = clock() + self.config.database.retry_for
+        delay = 0.2
+        engine = make_engine(self.config.database.url)
+        while True:
+            try:
+                ensure_schema(engine)
+                self.storage = Storage(engine)
+                self._reap_previous_incarnation()
+                self._register()
+                return True
+            except StorageUnavailable as exc:
+                if clock() + delay > give_up_at:
+                    raise StorageUnavailable(
+                        f"{exc} (gave up after database.retry_for = {self.config.database.retry_for:g}s)"
+                    ) from None
+                event("%s; retrying in %.1fs", exc, delay, level=logging.WARNING, event="db_unreachable")
+                self.wait(delay)
+                if self.stop_signal is not None:
+                    return False
+                delay = min(delay * 2, MAX_BACKOFF_S)
+
+    def _register(self) -> None:
+        server = self.config.server
+        self.last_beat_sent = clock()
+        self.server_id = self.storage.register_server(
+            name=server.name,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_started_at=start_time(os.getpid()),
+            queues=server.queues,
+            concurrency=server.concurrency,
+            dead_after=server.dead_after,
+        )
+        self.beat_failing_since = None
+        self.next_beat = clock() + server.heartbeat_interval
+        event(
+            "server %s registered as %s (pid %d, queues %s, concurrency %d)",
+            server.name, self.server_id, os.getpid(), ",".join(server.queues), server.concurrency,
+            event="registered", server=self.server_id,
+        )
+
+    def _reap_previous_incarnation(self) -> None:
+        """A server of ours with this name on this host whose process is
+        provably gone (pid dead, or reused by another process) is reaped
+        now instead of after dead_after. One we cannot prove dead is left
+        to the heartbeat check."""
+        for old in self.storage.servers(states=LIVE_SERVER_STATES, host=socket.gethostname()):
+            if old.name != self.config.server.name or is_same_process(old.pid, old.pid_started_at):
+                continue
+            taken = self.storage.reap_server(
+                old.id, f"previous incarnation {old.id} of {old.name} (pid {old.pid}) is gone"
+            )
+            event("reaped our previous incarnation %s: requeued jobs %s", old.id, [t.id for t in taken],
+                  event="reaped", server=old.id)
+
+    # --- the loop ---------------------------------------------------------------------
+
+    def serve(self) -> None:
+        """Run until a stop signal or a deliberate handoff; returns then."""
+        systemd.notify("READY=1", f"STATUS=serving as {self.server_id}")
+        while self.stop_signal is None and not self.exit_requested:
+            self.wait(self._next_wake() - clock())
+            self.collect_children()
+            if self.stop_signal is not None or self.exit_requested:
+                return
+            now = clock()
+            if now >= self.next_beat:
+                self.beat()
+            if self.claiming and now >= self.next_claim and self.server_id:
+                self.claim()
+            self._ping_watchdog()
+
+    def _next_wake(self) -> float:
+        wakes = [self.next_beat]
+        if self.claiming and len(self.running) < self.config.server.concurrency:
+            wakes.append(self.next_claim)
+        if self.watchdog:
+            wakes.append(self.next_watchdog)
+        return min(wakes)
+
+    def _ping_watchdog(self) -> None:
+        if self.watchdog and clock() >= self.next_watchdog:
+            systemd.notify("WATCHDOG=1", f"STATUS={len(self.running)} jobs running")
+            self.next_watchdog = clock() + self.watchdog
+
+    # --- claiming and spawning ---------------------------------------------------------
+
+    def claim(self) -> None:
+        free = self.config.server.concurrency - len(self.running)
+        self.next_claim = clock() + self.config.server.poll_interval
+        if free <= 0:
+            return
+        try:
+            jobs = self.storage.claim(self.server_id, self.config.server.queues, free)
+        except StorageUnavailable as exc:
+            event("cannot claim: %s", exc, level=logging.WARNING, event="db_unreachable")
+            return
+        for job in jobs:
+            self._start_job(job)
+        if len(jobs) == free:
+            self.next_claim = clock()  # there may be more waiting
+
+    def _start_job(self, job) -> None:
+        try:
+            if job.kind == "command":
+                self.allow.check_command(job.target)
+            else:
+                self.allow.check_callable(job.target)
+        except TargetRefused as exc:
+            event("job %d (%s) refused: %s", job.id, job.target, exc, level=logging.WARNING,
+                  event="refused", job=job.id)
+            self.pending.append((job, "refused", str(exc)))
+            self.record_pending()
+            return
+        assignment = Assignment(job, self.server_id, self.config.database.url, self.allow)
+        child = spawn(assignment, self.fence_deadline())
+        self.running[child.pid] = child
+        event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,
+              job.attempts, job.lease, child.pid, event="claimed", job=job.id, server=self.server_id)
+
+    def fence_deadline(self) -> float:
+        """When children must stop if no heartbeat succeeds before: half a
+        heartbeat before any other server could declare us dead (it counts
+        dead_after from our last heartbeat, which was sent after this)."""
+        server = self.config.server
+        return self.last_beat_sent + server.dead_after - server.heartbeat_interval / 2
+
+    # --- children ending -------------------------------------------------------------------
+
+    def collect_children(self) -> None:
+        """Read the children's messages and reap those that exited, also
+        any orphaned descendants that re-parented to us (we are a subreaper,
+        and may be PID 1 in a container)."""
+        for child in self.running.values():
+            child.read()
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            child = self.running.pop(pid, None)
+            if child is not None:
+                child.status = status
+                child.read()
+                child.close()
+                self._finish(child)
+
+    def _finish(self, child: RunningJob) -> None:
+        kind, error = child.outcome(stopping=self.stop_signal is not None)
+        seconds = clock() - child.started
+        if self.dropping or kind == "dropped":
+            event("job %d: outcome '%s' after %.2fs dropped: this run no longer owns the job",
+                  child.job.id, kind, seconds, event="dropped", job=child.job.id)
+            return
+        self.next_claim = clock()
+        self.pending.append((child.job, kind, error))
+        self.record_pending()
+
+    def record_pending(self) -> None:
+        """Write finished jobs' outcomes, fenced by their lease. Kept in
+        memory and retried while the database is unreachable."""
+        while self.pending:
+            job, kind, error = self.pending[0]
+            try:
+                self._record(job, kind, error)
+            except StorageUnavailable as exc:
+                event("cannot record job %d yet: %s", job.id, exc, level=logging.WARNING,
+                      event="db_unreachable", job=job.id)
+                return
+            self.pending.pop(0)
+
+    def _record(self, job, kind: str, error: str | None) -> None:
+        storage, sid = self.storage, self.server_id
+        if kind == "succeeded":
+            state = "succeeded" if storage.complete(job.id, job.lease, sid) else "stale"
+        elif kind == "handoff":
+            state = storage.give_back(job.id, job.lease, sid, error or "handed off by the job")
+        else:
+            state = storage.fail(
+                job.id, job.lease, sid, error or "failed", retry=kind != "refused",
+                retry_backoff=self.config.jobs.retry_backoff,
+            )
+        if state == "stale":
+            event("job %d: stale write dropped (lease %d is no longer current)", job.id, job.lease,
+                  level=logging.WARNING, event="stale_write", job=job.id)
+        else:
+            summary = f": {error.strip().splitlines()[-1]}" if error and state != "succeeded" else ""
+            event("job %d (%s) %s -> %s%s", job.id, job.target, kind, state, summary,
+                  event=kind, job=job.id, state=state)
+
+    # --- heartbeat ------------------------------------------------------------------------
+
+    def beat(self) -> None:
+        """Heartbeat, renew the children's deadline, reap dead servers,
+        promote due jobs, enforce memory limits; fence ourselves when we
+        cannot prove we are alive."""
+        server = self.config.server
+        sent = clock()
+        self.next_beat = sent + server.heartbeat_interval
+        try:
+            state = self.storage.heartbeat(self.server_id)
+        except StorageUnavailable as exc:
+            self._beat_failed(exc)
+            return
+        if self.beat_failing_since is not None:
+            self.beat_failing_since = None
+            event("database reachable again", event="db_reachable")
+        if state != "running" or self.fenced:
+            self._lost_server(state)
+            return
+        self.last_beat_sent = sent
+        for child in self.running.values():
+            child.renew(self.fence_deadline())
+        self._housekeeping()
+
+    def _beat_failed(self, exc) -> None:
+        if self.beat_failing_since is None:
+            self.beat_failing_since = clock()
+            event("cannot heartbeat: %s; children stop in %.1fs unless it recovers",
+                  exc, self.fence_deadline() - clock(), level=logging.WARNING, event="db_unreachable")
+        if not self.fenced and clock() >= self.fence_deadline():
+            event("no heartbeat for too long: killing all children (another server may take their jobs)",
+                  level=logging.ERROR, event="fenced")
+            self.kill_all("fenced: could not heartbeat")
+            self.claiming = False
+            self.fenced = True
+
+    def _lost_server(self, state: str | None) -> None:
+        """Someone decided this server is finished (or we fenced ourselves).
+        Kill the children at once; their jobs belong to others now."""
+        self.kill_all(f"server is {state}")
+        if state in ("stopping", "stopped"):
+            event("server %s was handed off from outside (state %s): exiting", self.server_id, state,
+                  level=logging.WARNING, event="handed_off", server=self.server_id)
+            self.exit_requested = True
+            return
+        try:
+            if state == "running":  # fenced ourselves; nobody reaped us
+                self.storage.reap_server(self.server_id, "its server fenced itself (no heartbeat)")
+            self._register()
+            self.fenced = False
+            self.claiming = self.stop_signal is None
+        except StorageUnavailable as exc:
+            event("cannot register again yet: %s", exc, level=logging.WARNING, event="db_unreachable")
+
+    def kill_all(self, reason: str) -> None:
+        """SIGKILL every child's tree now and drop their outcomes."""
+        dropping, self.dropping = self.dropping, True
+        try:
+            for child in list(self.running.values()):
+                kill_tree(child.pid)
+            self.wait_for_children(clock() + KILL_REAP_TIMEOUT_S)
+        finally:
+            self.dropping = dropping
+        for child in self.running.values():
+            event("job %d: child %d not reaped after SIGKILL (%s)", child.job.id, child.pid, reason,
+                  level=logging.ERROR, event="kill_failed")
+
+    def wait_for_children(self, deadline: float, hurry_ends_wait: bool = False) -> None:
+        """Collect children until none is left or `deadline` passes."""
+        while self.running and clock() < deadline and not (hurry_ends_wait and self.hurry):
+            self.wait(deadline - clock())
+            self.collect_children()
+
+    def _housekeeping(self) -> None:
+        storage = self.storage
+        try:
+            for taken in storage.reap():
+                event("job %d requeued: its server stopped heartbeating", taken.id,
+                      event="reaped", job=taken.id)
+            storage.promote_due()
+            self.record_pending()
+            if clock() >= self.next_sweep:
+                self.next_sweep = clock() + SWEEP_EVERY_S
+                removed = storage.sweep(self.config.jobs.keep_finished)
+                if removed:
+                    event("retention: deleted %d finished jobs", removed, event="sweep")
+        except StorageUnavailable as exc:
+            event("housekeeping skipped: %s", exc, level=logging.WARNING, event="db_unreachable")
+        self._enforce_memory_limit()
+
+    def _enforce_memory_limit(self) -> None:
+        limit = self.config.jobs.memory_limit
+        if not limit:
+            return
+        for child in self.running.values():
+            used = tree_rss(child.pid)
+            if used > limit and child.kill_reason is None:
+                child.kill_reason = (
+                    f"memory limit exceeded: the job's processes used {used / 2**20:.0f} MiB, "
+                    f"more than jobs.memory_limit ({limit / 2**20:.0f} MiB)"
+                )
+                kill_tree(child.pid)
+                event("job %d killed: %s", child.job.id, child.kill_reason, level=logging.WARNING,
+                      event="memory_limit", job=child.job.id)
+
+
+def run_supervisor(config: Config) -> int:
+    """`shiftchange run`: serve until stopped; returns the exit code."""
+    from supervisor.shutdown import shut_down, stop_after_external_handoff
+
+    sup = Supervisor(config)
+    sup.install_signals()
+    become_subreaper()  # double-forked descendants of jobs stay findable
+    if not sup.start():
+        event("stopped before registering: nothing to hand off", event="stopped")
+        return EXIT_OK
+    sup.serve()
+    if sup.exit_requested:
+        return stop_after_external_handoff(sup)
+    return shut_down(sup)

@@ -1,0 +1,142 @@
+"""Operating-system helpers: process trees, parent-death signals, clocks.
+
+Linux gives us the two guarantees the design leans on: PR_SET_PDEATHSIG
+(a process is signalled when its parent dies, kill -9 included) and
+PR_SET_CHILD_SUBREAPER (orphaned descendants re-parent to us instead of to
+init, so a double-forked grandchild stays in our tree and can be found and
+killed). Elsewhere both are no-ops and the lifeline pipes do the work.
+"""
+
+import ctypes
+import errno
+import os
+import signal
+import time
+
+import psutil
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+_libc = None
+
+
+def _prctl(option: int, value: int) -> bool:
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(None, use_errno=True)
+        return _libc.prctl(option, value, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send `sig` to this process when its parent dies."""
+    return _prctl(PR_SET_PDEATHSIG, int(sig))
+
+
+def become_subreaper() -> bool:
+    """Orphaned descendants re-parent to this process (Linux >= 3.4)."""
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def clock() -> float:
+    """Seconds on a clock shared by every process of this host that keeps
+    counting while the machine is suspended (CLOCK_BOOTTIME), so a deadline
+    passed from the supervisor to a child means the same to both."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+def close_fds_except(keep: set[int]) -> None:
+    """Close every inherited descriptor above 2 not in `keep`: a forked
+    child must not hold other children's lifeline pipes open, or their EOF
+    would never come."""
+    try:
+        open_fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    except OSError:
+        open_fds = list(range(3, 1024))
+    for fd in open_fds:
+        if fd > 2 and fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def start_time(pid: int) -> float | None:
+    """The process's start time (epoch seconds), None if there is none."""
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return None
+
+
+def is_same_process(pid: int, started_at: float | None) -> bool:
+    """True when `pid` is alive and is the process that started at
+    `started_at` (not a later process that was given the recycled pid)."""
+    now_started = start_time(pid)
+    if now_started is None or started_at is None:
+        return now_started is not None and started_at is None
+    return abs(now_started - started_at) < 0.05
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    """Every live process below `pid` (children, their children...)."""
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def signal_group(pgid: int, sig: int) -> None:
+    """Signal a process group; a group that is already gone is fine."""
+    try:
+        os.killpg(pgid, sig)
+    except OSError as exc:
+        if exc.errno not in (errno.ESRCH, errno.EPERM):
+            raise
+
+
+def kill_tree(pid: int, include_root: bool = True) -> list[int]:
+    """SIGKILL `pid`'s process group and every process below it, including
+    those that left the group (setsid). Returns the pids signalled. The
+    tree is listed before anything is killed, so nothing re-parents away
+    mid-walk."""
+    victims = descendants(pid)
+    if include_root:
+        signal_group(pid, signal.SIGKILL)
+    killed = []
+    for proc in victims:
+        try:
+            proc.kill()
+            killed.append(proc.pid)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return killed
+
+
+def tree_rss(pid: int) -> int:
+    """Resident memory of `pid` and its descendants, in bytes."""
+    total = 0
+    try:
+        root = psutil.Process(pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                total += proc.memory_info().rss
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return total
+
+
+def describe_status(status: int) -> str:
+    """A waitpid status in words: 'exit status 3', 'killed by SIGSEGV'."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"killed by {name}"
+    return f"exit status {os.waitstatus_to_exitcode(status)}"

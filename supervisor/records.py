@@ -1,0 +1,155 @@
+"""Plain records read from storage, and their JSON shape (a contract)."""
+
+import json
+from dataclasses import dataclass, field
+
+from supervisor.dbtime import to_iso
+
+JOB_STATES = ("enqueued", "scheduled", "processing", "succeeded", "failed")
+FINISHED_STATES = ("succeeded", "failed")
+SERVER_STATES = ("running", "stopping", "stopped", "dead")
+
+
+@dataclass(frozen=True)
+class Event:
+    at: float
+    kind: str
+    server: str | None
+    detail: str | None
+
+    def to_dict(self) -> dict:
+        return {"at": to_iso(self.at), "kind": self.kind, "server": self.server, "detail": self.detail}
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    state: str
+    queue: str
+    kind: str  # "callable" or "command"
+    target: str
+    args: list
+    kwargs: dict
+    priority: int
+    attempts: int
+    max_attempts: int
+    interruptions: int
+    max_interruptions: int
+    server: str | None
+    lease: int
+    run_at: float
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    checkpoint: object = None
+    events: list[Event] | None = None
+
+    @property
+    def argv(self) -> list[str]:
+        """A command job's full argv."""
+        return [self.target, *self.args]
+
+    @classmethod
+    def from_row(cls, row, events=None) -> "Job":
+        return cls(
+            id=row.id,
+            state=row.state,
+            queue=row.queue,
+            kind=row.kind,
+            target=row.target,
+            args=json.loads(row.args),
+            kwargs=json.loads(row.kwargs),
+            priority=row.priority,
+            attempts=row.attempts,
+            max_attempts=row.max_attempts,
+            interruptions=row.interruptions,
+            max_interruptions=row.max_interruptions,
+            server=row.server_id,
+            lease=row.lease,
+            run_at=row.run_at,
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            error=row.error,
+            checkpoint=None if row.checkpoint is None else json.loads(row.checkpoint),
+            events=events,
+        )
+
+    def to_dict(self) -> dict:
+        data = {
+            "id": self.id,
+            "state": self.state,
+            "queue": self.queue,
+            "kind": self.kind,
+            "target": self.target,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "priority": self.priority,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "interruptions": self.interruptions,
+            "server": self.server,
+            "run_at": to_iso(self.run_at),
+            "created_at": to_iso(self.created_at),
+            "started_at": to_iso(self.started_at),
+            "finished_at": to_iso(self.finished_at),
+            "error": self.error,
+            "checkpoint": self.checkpoint,
+        }
+        if self.events is not None:
+            data["events"] = [event.to_dict() for event in self.events]
+        return data
+
+
+@dataclass(frozen=True)
+class Server:
+    id: str
+    name: str
+    host: str
+    pid: int
+    pid_started_at: float | None
+    state: str
+    queues: list[str]
+    concurrency: int
+    dead_after: float
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None
+    heartbeat_age: float  # seconds, by the database clock
+    jobs: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_row(cls, row, now: float, job_ids: list[int]) -> "Server":
+        return cls(
+            id=row.id,
+            name=row.name,
+            host=row.host,
+            pid=row.pid,
+            pid_started_at=row.pid_started_at,
+            state=row.state,
+            queues=json.loads(row.queues),
+            concurrency=row.concurrency,
+            dead_after=row.dead_after,
+            started_at=row.started_at,
+            heartbeat_at=row.heartbeat_at,
+            stopped_at=row.stopped_at,
+            heartbeat_age=max(0.0, now - row.heartbeat_at),
+            jobs=job_ids,
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "host": self.host,
+            "pid": self.pid,
+            "state": self.state,
+            "queues": self.queues,
+            "concurrency": self.concurrency,
+            "started_at": to_iso(self.started_at),
+            "heartbeat_at": to_iso(self.heartbeat_at),
+            "heartbeat_age": round(self.heartbeat_age, 3),
+            "stopped_at": to_iso(self.stopped_at),
+            "jobs": self.jobs,
+        }

@@ -1,0 +1,620 @@
+"""Storage verbs: every change of a job or a server, each one transaction.
+
+Process code never builds SQL; it calls these verbs. Every write about a
+running job is conditional on its lease token, so a run that lost its job
+(handed off, reaped, requeued by an operator) can never record anything: the
+write matches no row, is refused, and leaves a `stale_write` event behind.
+"""
+
+import json
+import re
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from sqlalchemy import and_, delete, exists, func, insert, select, tuple_, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from supervisor.database import unavailable
+from supervisor.dbtime import db_now
+from supervisor.errors import InvalidJob, JobNotFound
+from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
+from supervisor.tables import events, jobs, servers
+from supervisor.targets import check_callable_syntax
+
+MAX_PAYLOAD_BYTES = 1 << 20  # args + kwargs, and each checkpoint
+MAX_ERROR_CHARS = 64_000
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]{1,200}$")
+LIVE_SERVER_STATES = ("running", "stopping")
+
+
+# --- what a producer asks for ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A validated job, ready to insert. Build it with new_job()."""
+
+    kind: str
+    target: str
+    args_json: str
+    kwargs_json: str
+    queue: str
+    priority: int
+    max_attempts: int
+    max_interruptions: int
+    run_at: float | None  # epoch seconds, or None for "now + delay"
+    delay: float
+
+
+def to_json(value, what: str, limit: int = MAX_PAYLOAD_BYTES) -> str:
+    """Strict JSON for `value`, or InvalidJob naming `what` and the problem."""
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidJob(f"{what} must be JSON-serialisable: {exc}") from None
+    size = len(text.encode())
+    if size > limit:
+        raise InvalidJob(f"{what} is {size} bytes of JSON; the limit is {limit} bytes")
+    return text
+
+
+def new_job(
+    target: str | None = None,
+    args=(),
+    kwargs=None,
+    *,
+    command: list[str] | None = None,
+    queue: str = "default",
+    priority: int = 0,
+    max_attempts: int = 3,
+    max_interruptions: int = 10,
+    run_at: float | None = None,
+    delay: float = 0.0,
+) -> NewJob:
+    """Validate a job: a callable `target` or a `command` argv, never both."""
+    if command is not None:
+        if target is not None:
+            raise InvalidJob("give a target or a command, not both")
+        if not command or not all(isinstance(part, str) for part in command) or not command[0]:
+            raise InvalidJob("a command job needs a non-empty argv of strings")
+        kind, target, args = "command", command[0], list(command[1:])
+    else:
+        try:
+            check_callable_syntax(target or "")
+        except ValueError as exc:
+            raise InvalidJob(str(exc)) from None
+        kind = "callable"
+    if not isinstance(args, (list, tuple)):
+        raise InvalidJob(f"args must be a list, not {type(args).__name__}")
+    kwargs = {} if kwargs is None else kwargs
+    if not isinstance(kwargs, dict):
+        raise InvalidJob(f"kwargs must be an object (dict), not {type(kwargs).__name__}")
+    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
+        raise InvalidJob(
+            f"queue name {queue!r} is not valid: 1-200 of letters, digits and _ . : @ / -"
+        )
+    if max_attempts < 1 or max_interruptions < 0:
+        raise InvalidJob("max_attempts must be >= 1 and max_interruptions >= 0")
+    args_json, kwargs_json = to_json(list(args), "args"), to_json(kwargs, "kwargs")
+    size = len(args_json.encode()) + len(kwargs_json.encode())
+    if size > MAX_PAYLOAD_BYTES:
+        raise InvalidJob(
+            f"args and kwargs are {size} bytes of JSON together; the limit is {MAX_PAYLOAD_BYTES}"
+        )
+    return NewJob(
+        kind=kind,
+        target=target,
+        args_json=args_json,
+        kwargs_json=kwargs_json,
+        queue=queue,
+        priority=int(priority),
+        max_attempts=int(max_attempts),
+        max_interruptions=int(max_interruptions),
+        run_at=run_at,
+        delay=max(0.0, float(delay)),
+    )
+
+
+@dataclass(frozen=True)
+class Requeued:
+    """A job that a handoff or reap took back: its id and new lease token."""
+
+    id: int
+    lease: int
+    failed: bool  # True when it was past max_interruptions and failed instead
+
+
+# --- the verbs -----------------------------------------------------------------
+
+
+class Storage:
+    """The queue's database, as a small set of transactional verbs."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        # SQLite has one writer at a time; the others lock the rows they take.
+        self.locks_rows = engine.dialect.name != "sqlite"
+
+    @contextmanager
+    def _transaction(self, write: bool):
+        try:
+            with self.engine.connect() as conn:
+                if write:
+                    conn.execution_options(sqlite_begin="IMMEDIATE")
+                with conn.begin():
+                    yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise unavailable(self.engine, exc) from None
+
+    def _write(self):
+        return self._transaction(write=True)
+
+    def _read(self):
+        return self._transaction(write=False)
+
+    def _for_update(self, query, skip_locked=False, read=False):
+        if not self.locks_rows:
+            return query
+        return query.with_for_update(skip_locked=skip_locked, read=read)
+
+    def _record(self, conn, rows: list[dict]) -> None:
+        """Append events: dicts of job_id, kind, server_id, detail."""
+        if rows:
+            conn.execute(insert(events).values(at=db_now()), rows)
+
+    def now(self) -> float:
+        """The database clock, in epoch seconds."""
+        with self._read() as conn:
+            return conn.execute(select(db_now())).scalar_one()
+
+    # producers ---------------------------------------------------------------
+
+    def enqueue(self, *specs: NewJob) -> list[int]:
+        """Insert jobs, each with an `enqueued` event. All or nothing."""
+        with self._write() as conn:
+            return [self._insert_job(conn, spec) for spec in specs]
+
+    def _insert_job(self, conn, spec: NewJob) -> int:
+        later = spec.run_at is not None or spec.delay > 0
+        run_at = spec.run_at if spec.run_at is not None else db_now() + spec.delay
+        result = conn.execute(
+            insert(jobs).values(
+                queue=spec.queue,
+                kind=spec.kind,
+                target=spec.target,
+                args=spec.args_json,
+                kwargs=spec.kwargs_json,
+                priority=spec.priority,
+                state="scheduled" if later else "enqueued",
+                run_at=run_at,
+                attempts=0,
+                max_attempts=spec.max_attempts,
+                interruptions=0,
+                max_interruptions=spec.max_interruptions,
+                lease=0,
+                created_at=db_now(),
+            )
+        )
+        job_id = result.inserted_primary_key[0]
+        detail = f"queue {spec.queue}" + (" (scheduled)" if later else "")
+        self._record(conn, [dict(job_id=job_id, kind="enqueued", server_id=None, detail=detail)])
+        return job_id
+
+    # servers -----------------------------------------------------------------
+
+    def register_server(
+        self, *, name, host, pid, pid_started_at, queues, concurrency, dead_after
+    ) -> str:
+        """Register a new running server; returns its new id."""
+        server_id = uuid.uuid4().hex
+        with self._write() as conn:
+            conn.execute(
+                insert(servers).values(
+                    id=server_id,
+                    name=name,
+                    host=host,
+                    pid=pid,
+                    pid_started_at=pid_started_at,
+                    state="running",
+                    queues=json.dumps(list(queues)),
+                    concurrency=concurrency,
+                    dead_after=dead_after,
+                    started_at=db_now(),
+                    heartbeat_at=db_now(),
+                )
+            )
+        return server_id
+
+    def heartbeat(self, server_id: str) -> str | None:
+        """Refresh the server's heartbeat, which is also the lease of every job
+        it runs (a job's lease lasts as long as its server's heartbeat is
+        fresh, so one row write extends them all). Returns the server's state:
+        `running` when the heartbeat was recorded; `dead`, `stopping` or
+        `stopped` when someone else decided this server is finished; None
+        when its row is gone."""
+        with self._write() as conn:
+            beat = conn.execute(
+                update(servers)
+                .where(servers.c.id == server_id, servers.c.state == "running")
+                .values(heartbeat_at=db_now())
+            )
+            if beat.rowcount == 1:
+                return "running"
+            return conn.execute(
+                select(servers.c.state).where(servers.c.id == server_id)
+            ).scalar_one_or_none()
+
+    # claiming and results ----------------------------------------------------
+
+    def claim(self, server_id: str, queues, limit: int = 1) -> list[Job]:
+        """Take up to `limit` due jobs from `queues`, highest priority then
+        oldest first, for a server that is still `running`. Each gets a new
+        lease token and one more attempt. No job goes to two claimers: other
+        databases skip rows locked by a concurrent claim, SQLite has one
+        writer at a time."""
+        with self._write() as conn:
+            state = conn.execute(
+                self._for_update(select(servers.c.state).where(servers.c.id == server_id), read=True)
+            ).scalar_one_or_none()
+            if state != "running":
+                return []
+            due = (
+                select(jobs.c.id)
+                .where(
+                    jobs.c.state == "enqueued",
+                    jobs.c.queue.in_(list(queues)),
+                    jobs.c.run_at <= db_now(),
+                )
+                .order_by(jobs.c.priority.desc(), jobs.c.id)
+                .limit(limit)
+            )
+            ids = conn.execute(self._for_update(due, skip_locked=True)).scalars().all()
+            if not ids:
+                return []
+            conn.execute(
+                update(jobs)
+                .where(jobs.c.id.in_(ids))
+                .values(
+                    state="processing",
+                    server_id=server_id,
+                    lease=jobs.c.lease + 1,
+                    attempts=jobs.c.attempts + 1,
+                    started_at=db_now(),
+                    finished_at=None,
+                )
+            )
+            rows = conn.execute(
+                select(jobs).where(jobs.c.id.in_(ids)).order_by(jobs.c.priority.desc(), jobs.c.id)
+            ).all()
+            claimed = [Job.from_row(row) for row in rows]
+            self._record(
+                conn,
+                [
+                    dict(job_id=job.id, kind="claimed", server_id=server_id,
+                         detail=f"attempt {job.attempts}, lease {job.lease}")
+                    for job in claimed
+                ],
+            )
+            return claimed
+
+    def _fenced(self, job_id: int, lease: int):
+        """The row of a job still processing under this lease."""
+        return and_(jobs.c.id == job_id, jobs.c.lease == lease, jobs.c.state == "processing")
+
+    def _refuse_stale(self, conn, job_id, lease, server_id, action) -> None:
+        current = conn.execute(
+            select(jobs.c.state, jobs.c.lease).where(jobs.c.id == job_id)
+        ).first()
+        now_holds = "the job is gone" if current is None else (
+            f"the job is {current.state} under lease {current.lease}"
+        )
+        detail = f"{action} with lease {lease} ignored: {now_holds}"
+        if current is not None:
+            self._record(conn, [dict(job_id=job_id, kind="stale_write", server_id=server_id, detail=detail)])
+
+    def complete(self, job_id: int, lease: int, server_id: str) -> bool:
+        """Mark the job succeeded and clear its checkpoint. False (and a
+        `stale_write` event) when the lease no longer matches."""
+        with self._write() as conn:
+            done = conn.execute(
+                update(jobs)
+                .where(self._fenced(job_id, lease))
+                .values(state="succeeded", finished_at=db_now(), error=None, checkpoint=None)
+            )
+            if done.rowcount != 1:
+                self._refuse_stale(conn, job_id, lease, server_id, "success")
+                return False
+            self._record(conn, [dict(job_id=job_id, kind="succeeded", server_id=server_id, detail=None)])
+            return True
+
+    def fail(
+        self, job_id: int, lease: int, server_id: str, error: str, *,
+        retry_backoff: float, retry: bool = True,
+    ) -> str:
+        """Record a failed run. Under max_attempts (and when `retry`), the job
+        is `scheduled` again after retry_backoff * 2^(attempts-1) seconds;
+        otherwise it is `failed` with the error kept. Returns the new state,
+        or "stale" when the lease no longer matches."""
+        error = error[-MAX_ERROR_CHARS:]
+        with self._write() as conn:
+            row = conn.execute(
+                self._for_update(select(jobs.c.attempts, jobs.c.max_attempts).where(self._fenced(job_id, lease)))
+            ).first()
+            if row is None:
+                self._refuse_stale(conn, job_id, lease, server_id, "failure")
+                return "stale"
+            if retry and row.attempts < row.max_attempts:
+                delay = retry_backoff * 2 ** (row.attempts - 1)
+                values = dict(state="scheduled", run_at=db_now() + delay, server_id=None)
+                kind, detail = "retry_scheduled", f"attempt {row.attempts} of {row.max_attempts} failed; retry in {delay:g}s: {_summary(error)}"
+            else:
+                values = dict(state="failed", finished_at=db_now())
+                kind, detail = "failed", _summary(error)
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(error=error, **values))
+            self._record(conn, [dict(job_id=job_id, kind=kind, server_id=server_id, detail=detail)])
+            return values["state"]
+
+    def checkpoint(self, job_id: int, lease: int, server_id: str | None, data_json: str) -> bool:
+        """Store a job's progress, only while this run still holds the lease."""
+        with self._write() as conn:
+            saved = conn.execute(
+                update(jobs).where(self._fenced(job_id, lease)).values(checkpoint=data_json)
+            )
+            if saved.rowcount != 1:
+                self._refuse_stale(conn, job_id, lease, server_id, "checkpoint")
+                return False
+            return True
+
+    def give_back(self, job_id: int, lease: int, server_id: str, reason: str) -> str:
+        """The run ended by asking to be handed off (HandOff): requeue it at
+        once as an interruption, not a failure. Returns the new state or
+        "stale"."""
+        with self._write() as conn:
+            taken = self._take_back(conn, self._fenced(job_id, lease), "handed_off", lambda _: reason, 0.0)
+            if not taken:
+                self._refuse_stale(conn, job_id, lease, server_id, "hand-off")
+                return "stale"
+            return "failed" if taken[0].failed else "enqueued"
+
+    # handoff and reaping -----------------------------------------------------
+
+    def _take_back(self, conn, which, kind: str, why, hold: float) -> list[Requeued]:
+        """Requeue the processing jobs matched by `which`: new lease, one more
+        interruption, the attempt given back, claimable from now + `hold`.
+        A job past max_interruptions is failed as poison instead."""
+        rows = conn.execute(
+            self._for_update(
+                select(jobs.c.id, jobs.c.lease, jobs.c.server_id, jobs.c.interruptions,
+                       jobs.c.max_interruptions)
+                .where(which, jobs.c.state == "processing")
+            )
+        ).all()
+        taken = [
+            Requeued(row.id, row.lease + 1, row.interruptions + 1 > row.max_interruptions)
+            for row in rows
+        ]
+        requeue = [job.id for job in taken if not job.failed]
+        poison = [job.id for job in taken if job.failed]
+        common = dict(
+            lease=jobs.c.lease + 1,
+            interruptions=jobs.c.interruptions + 1,
+            attempts=jobs.c.attempts - 1,
+        )
+        if requeue:
+            conn.execute(
+                update(jobs).where(jobs.c.id.in_(requeue))
+                .values(state="enqueued", server_id=None, run_at=db_now() + hold, **common)
+            )
+        if poison:
+            conn.execute(
+                update(jobs).where(jobs.c.id.in_(poison))
+                .values(
+                    state="failed", finished_at=db_now(),
+                    error="interrupted more often than max_interruptions allows "
+                    "(its server stopped or died while it ran, every time)",
+                    **common,
+                )
+            )
+        self._record(
+            conn,
+            [
+                dict(job_id=row.id, kind="failed" if job.failed else kind, server_id=row.server_id,
+                     detail=why(row) + (" (past max_interruptions: failed)" if job.failed else ""))
+                for row, job in zip(rows, taken)
+            ],
+        )
+        return taken
+
+    def handoff(self, server_ids, hold: float, reason: str) -> list[Requeued]:
+        """Step one of a graceful stop, in ONE transaction: the server(s)
+        become `stopping` and each of their processing jobs is requeued (see
+        _take_back) but held until `hold` seconds from now by the database
+        clock, so the old run can be killed before another server starts it.
+        From the commit on, nothing those servers ran can be lost."""
+        ids = [server_ids] if isinstance(server_ids, str) else list(server_ids)
+        with self._write() as conn:
+            conn.execute(
+                update(servers)
+                .where(servers.c.id.in_(ids), servers.c.state == "running")
+                .values(state="stopping")
+            )
+            return self._take_back(conn, jobs.c.server_id.in_(ids), "handed_off", lambda _: reason, hold)
+
+    def release_handoff(self, server_id: str, held: list[Requeued]) -> None:
+        """Step two: the old runs are dead, so the held jobs may start now
+        (only those not claimed or changed since), and the server is
+        `stopped`. If this never runs, the hold simply expires."""
+        with self._write() as conn:
+            pairs = [(job.id, job.lease) for job in held if not job.failed]
+            if pairs:
+                conn.execute(
+                    update(jobs)
+                    .where(tuple_(jobs.c.id, jobs.c.lease).in_(pairs), jobs.c.state == "enqueued")
+                    .values(run_at=db_now())
+                )
+            conn.execute(
+                update(servers)
+                .where(servers.c.id == server_id, servers.c.state.in_(LIVE_SERVER_STATES))
+                .values(state="stopped", stopped_at=db_now())
+            )
+
+    def reap(self) -> list[Requeued]:
+        """Mark every live server whose heartbeat is older than its own
+        dead_after as `dead`, and requeue (event `reaped`) every processing
+        job whose server is not alive any more. Idempotent and safe when many
+        servers run it at once; uses only the database clock."""
+        stale = servers.c.heartbeat_at + servers.c.dead_after < db_now()
+        with self._write() as conn:
+            dead = conn.execute(
+                self._for_update(
+                    select(servers.c.id).where(servers.c.state.in_(LIVE_SERVER_STATES), stale),
+                    skip_locked=True,
+                )
+            ).scalars().all()
+            if dead:
+                conn.execute(
+                    update(servers).where(servers.c.id.in_(dead))
+                    .values(state="dead", stopped_at=db_now())
+                )
+            alive = exists().where(
+                servers.c.id == jobs.c.server_id,
+                servers.c.state.in_(LIVE_SERVER_STATES),
+                ~stale,
+            )
+            return self._take_back(
+                conn, ~alive, "reaped",
+                lambda row: f"server {row.server_id} stopped heartbeating", 0.0,
+            )
+
+    def reap_server(self, server_id: str, reason: str) -> list[Requeued]:
+        """Declare one server dead now (it was proven dead, e.g. its pid is
+        gone) and requeue its jobs at once."""
+        with self._write() as conn:
+            conn.execute(
+                update(servers)
+                .where(servers.c.id == server_id, servers.c.state.in_(LIVE_SERVER_STATES))
+                .values(state="dead", stopped_at=db_now())
+            )
+            return self._take_back(conn, jobs.c.server_id == server_id, "reaped", lambda _: reason, 0.0)
+
+    def promote_due(self) -> int:
+        """Scheduled jobs whose time has come become `enqueued`."""
+        with self._write() as conn:
+            return conn.execute(
+                update(jobs)
+                .where(jobs.c.state == "scheduled", jobs.c.run_at <= db_now())
+                .values(state="enqueued")
+            ).rowcount
+
+    # operators ---------------------------------------------------------------
+
+    def get(self, job_id: int) -> Job:
+        """One job with its event history, or JobNotFound."""
+        with self._read() as conn:
+            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            if row is None:
+                raise JobNotFound(f"no job with id {job_id}")
+            history = conn.execute(
+                select(events).where(events.c.job_id == job_id).order_by(events.c.id)
+            ).all()
+        return Job.from_row(row, [Event(e.at, e.kind, e.server_id, e.detail) for e in history])
+
+    def jobs(self, state: str | None = None, queue: str | None = None, limit: int = 100) -> list[Job]:
+        """Jobs, newest first, optionally of one state and queue."""
+        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(jobs.c.state == state)
+        if queue is not None:
+            query = query.where(jobs.c.queue == queue)
+        with self._read() as conn:
+            return [Job.from_row(row) for row in conn.execute(query)]
+
+    def servers(self, states=None, host: str | None = None) -> list[Server]:
+        """Servers, newest first, each with the ids of its jobs in flight."""
+        query = select(servers).order_by(servers.c.started_at.desc())
+        if states is not None:
+            query = query.where(servers.c.state.in_(list(states)))
+        if host is not None:
+            query = query.where(servers.c.host == host)
+        with self._read() as conn:
+            now = conn.execute(select(db_now())).scalar_one()
+            rows = conn.execute(query).all()
+            in_flight: dict[str, list[int]] = {}
+            for job_id, server_id in conn.execute(
+                select(jobs.c.id, jobs.c.server_id)
+                .where(jobs.c.state == "processing").order_by(jobs.c.id)
+            ):
+                in_flight.setdefault(server_id, []).append(job_id)
+        return [Server.from_row(row, now, in_flight.get(row.id, [])) for row in rows]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Job counts by queue and state."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs.c.queue, jobs.c.state, func.count()).group_by(jobs.c.queue, jobs.c.state)
+            ).all()
+        by_queue: dict[str, dict[str, int]] = {}
+        for queue, state, count in rows:
+            by_queue.setdefault(queue, dict.fromkeys(JOB_STATES, 0))[state] = count
+        return by_queue
+
+    def requeue(self, job_id: int, server_id: str | None = None) -> Job:
+        """Put a job back in the queue now, with a new lease (so a run still
+        holding the old one can record nothing) and its attempts reset."""
+        with self._write() as conn:
+            row = conn.execute(
+                self._for_update(select(jobs.c.state).where(jobs.c.id == job_id))
+            ).first()
+            if row is None:
+                raise JobNotFound(f"no job with id {job_id}")
+            conn.execute(
+                update(jobs).where(jobs.c.id == job_id).values(
+                    state="enqueued", run_at=db_now(), server_id=None, lease=jobs.c.lease + 1,
+                    attempts=0, finished_at=None,
+                )
+            )
+            self._record(conn, [dict(job_id=job_id, kind="requeued", server_id=server_id,
+                                     detail=f"by an operator (was {row.state})")])
+        return self.get(job_id)
+
+    def delete(self, job_id: int) -> None:
+        """Delete a job and its history, or JobNotFound."""
+        with self._write() as conn:
+            gone = conn.execute(delete(jobs).where(jobs.c.id == job_id)).rowcount
+            if not gone:
+                raise JobNotFound(f"no job with id {job_id}")
+            conn.execute(delete(events).where(events.c.job_id == job_id))
+
+    def sweep(self, keep: float, batch: int = 1000) -> int:
+        """Delete finished jobs (and their events) that finished more than
+        `keep` seconds ago, `batch` at a time so no transaction grows large.
+        Also forgets servers stopped or dead for that long."""
+        removed = 0
+        while True:
+            with self._write() as conn:
+                ids = conn.execute(
+                    select(jobs.c.id)
+                    .where(jobs.c.state.in_(FINISHED_STATES), jobs.c.finished_at < db_now() - keep)
+                    .limit(batch)
+                ).scalars().all()
+                if ids:
+                    conn.execute(delete(events).where(events.c.job_id.in_(ids)))
+                    conn.execute(delete(jobs).where(jobs.c.id.in_(ids)))
+                else:
+                    conn.execute(
+                        delete(servers).where(
+                            servers.c.state.in_(("stopped", "dead")),
+                            servers.c.stopped_at < db_now() - keep,
+                        )
+                    )
+            removed += len(ids)
+            if len(ids) < batch:
+                return removed
+
+
+def _summary(text: str) -> str:
+    """The line of an error worth showing: a traceback's last one says what broke."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""

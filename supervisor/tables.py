@@ -1,0 +1,102 @@
+"""The schema, as SQLAlchemy Core tables.
+
+Tables are prefixed ``shiftchange_`` so they can live beside an application's
+own. Times are float epoch seconds from the database clock (see dbtime.py).
+This is the *current* schema; migrations/versions/ holds how each version
+came to be, and tests check that both agree.
+"""
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects import mysql
+
+PREFIX = "shiftchange_"
+VERSION_TABLE = PREFIX + "alembic_version"
+
+metadata = MetaData()
+
+# MySQL's TEXT stops at 64 KiB; arguments may be up to 1 MiB.
+LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
+# SQLite only aliases the rowid for a plain INTEGER primary key.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+Epoch = Float(precision=53)
+
+jobs = Table(
+    PREFIX + "jobs",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("queue", String(200), nullable=False),
+    Column("kind", String(16), nullable=False),  # "callable" or "command"
+    Column("target", String(1000), nullable=False),
+    Column("args", LongText, nullable=False),  # JSON array
+    Column("kwargs", LongText, nullable=False),  # JSON object
+    Column("priority", Integer, nullable=False, default=0),
+    Column("state", String(16), nullable=False),
+    Column("run_at", Epoch, nullable=False),  # not claimable before this
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("max_attempts", Integer, nullable=False),
+    Column("interruptions", Integer, nullable=False, default=0),
+    Column("max_interruptions", Integer, nullable=False),
+    Column("server_id", String(32)),  # set while processing
+    Column("lease", BigInteger, nullable=False, default=0),  # fencing token
+    Column("checkpoint", LongText),  # JSON, added by revision 0002
+    Column("error", LongText),
+    Column("created_at", Epoch, nullable=False),
+    Column("started_at", Epoch),
+    Column("finished_at", Epoch),
+    sqlite_autoincrement=True,  # never reuse the id of a deleted job
+)
+# Claims read only the `enqueued` slice of this index, in claim order, so
+# their cost stays flat however many finished jobs remain in the table.
+Index(
+    "ix_shiftchange_jobs_claim",
+    jobs.c.state,
+    jobs.c.queue,
+    jobs.c.priority.desc(),
+    jobs.c.id,
+)
+Index("ix_shiftchange_jobs_server", jobs.c.server_id, jobs.c.state)
+Index("ix_shiftchange_jobs_due", jobs.c.state, jobs.c.run_at)
+Index("ix_shiftchange_jobs_finished", jobs.c.state, jobs.c.finished_at)
+
+servers = Table(
+    PREFIX + "servers",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("pid_started_at", Epoch),  # psutil create_time, fences pid reuse
+    Column("state", String(16), nullable=False),
+    Column("queues", Text, nullable=False),  # JSON array
+    Column("concurrency", Integer, nullable=False),
+    Column("dead_after", Epoch, nullable=False),  # seconds, the server's own
+    Column("started_at", Epoch, nullable=False),
+    Column("heartbeat_at", Epoch, nullable=False),
+    Column("stopped_at", Epoch),
+)
+Index("ix_shiftchange_servers_liveness", servers.c.state, servers.c.heartbeat_at)
+Index("ix_shiftchange_servers_host", servers.c.host, servers.c.name)
+
+events = Table(
+    PREFIX + "events",
+    metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("job_id", BigInteger, nullable=False),
+    Column("at", Epoch, nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("server_id", String(32)),
+    Column("detail", LongText),
+    sqlite_autoincrement=True,
+)
+Index("ix_shiftchange_events_job", events.c.job_id, events.c.id)
+Index("ix_shiftchange_events_at", events.c.at)

@@ -6,6 +6,7 @@ dataclasses below are what the rest of the code receives.
 """
 
 import difflib
+import math
 import os
 import re
 import socket
@@ -16,6 +17,7 @@ import yaml
 
 from supervisor.database import mask_url
 from supervisor.errors import ConfigError
+from supervisor.storage import QUEUE_NAME
 
 DEFAULT_FILE = "shiftchange.yaml"
 ENV_FILE = "SHIFTCHANGE_CONFIG"
@@ -30,17 +32,21 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 def parse_duration(value) -> float:
     """`500ms`, `2s`, `1m30s`, `7d`, or a number of seconds -> seconds."""
-    if isinstance(value, bool):
-        raise ValueError("expected a duration such as 500ms, 2s or 1m30s")
-    if isinstance(value, (int, float)):
-        seconds = float(value)
-    else:
-        text = str(value).strip().replace(" ", "")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{value!r} is not a duration (examples: 500ms, 2s, 1m30s, 7d)")
+    text = str(value).strip().replace(" ", "")
+    try:
+        seconds = float(text)  # a number, also when quoted or from ${VAR}
+    except ValueError:
+        if text.startswith("-"):
+            raise ValueError(f"{value!r}: a duration cannot be negative") from None
         if not text or _DURATION_PART.sub("", text):
-            raise ValueError(f"{value!r} is not a duration (examples: 500ms, 2s, 1m30s, 7d)")
+            raise ValueError(f"{value!r} is not a duration (examples: 500ms, 2s, 1m30s, 7d)") from None
         seconds = sum(float(n) * _UNIT_SECONDS[unit] for n, unit in _DURATION_PART.findall(text))
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r}: a duration must be a finite number of seconds")
     if seconds < 0:
-        raise ValueError("a duration cannot be negative")
+        raise ValueError(f"{value!r}: a duration cannot be negative")
     return seconds
 
 
@@ -84,6 +90,16 @@ def parse_text_list(value) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"expected a list of strings, got {value!r}")
     return tuple(value)
+
+
+def parse_queues(value) -> tuple[str, ...]:
+    queues = parse_text_list(value)
+    if not queues:
+        raise ValueError("a server must serve at least one queue")
+    for name in queues:
+        if not QUEUE_NAME.match(name):
+            raise ValueError(f"queue name {name!r} is not valid: 1-200 of letters, digits and _ . : @ / -")
+    return queues
 
 
 def parse_choice(*choices):
@@ -170,7 +186,7 @@ SCHEMA = {
     "database": {"url": parse_text, "retry_for": parse_duration},
     "server": {
         "name": parse_text,
-        "queues": parse_text_list,
+        "queues": parse_queues,
         "concurrency": parse_positive_int,
         "heartbeat_interval": parse_duration,
         "dead_after": parse_duration,
@@ -203,8 +219,10 @@ def find_config_file(path: str | None) -> Path | None:
     else:
         default = Path(DEFAULT_FILE)
         return default if default.is_file() else None
-    if not chosen.is_file():
+    if not chosen.exists():
         raise ConfigError(f"config file {chosen} does not exist")
+    if not chosen.is_file():
+        raise ConfigError(f"config file {chosen} is not a file")
     return chosen
 
 
@@ -219,54 +237,82 @@ def load_config(path: str | None = None) -> Config:
 
 def _read_file(path: Path) -> Config:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not valid YAML: the file is not UTF-8 text") from None
     try:
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ConfigError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{_where(path, getattr(exc, 'problem_mark', None))}: not valid YAML: "
+                          f"{getattr(exc, 'problem', None) or exc}") from None
     sections = {}
     if root is not None:
-        for name, node in _mapping(root, path, "the top level"):
-            sections[name] = _read_section(path, name, node)
+        for name, key_node, value_node in _mapping(root, path, "the top level"):
+            sections[name] = _read_section(path, name, key_node, value_node)
     config = Config(source=str(path), **sections)
     _check_relations(config, path, root)
     return config
 
 
-def _mapping(node, path, what):
+def _where(path, mark) -> str:
+    """`file:line` for error messages (YAML marks count lines from 0)."""
+    return f"{path}:{mark.line + 1}" if mark else str(path)
+
+
+def _mapping(node, path, what, prefix=""):
+    """(key, key node, value node) of a YAML mapping; a repeated key is an
+    error, because YAML would otherwise keep the last one without a word."""
     if not isinstance(node, yaml.MappingNode):
-        raise ConfigError(f"{path}:{node.start_mark.line + 1}: {what} must be a mapping of keys")
+        raise ConfigError(f"{_where(path, node.start_mark)}: {what} must be a mapping of keys")
+    seen = {}
     for key_node, value_node in node.value:
-        yield key_node.value, (key_node, value_node)
+        key = key_node.value
+        if key in seen:
+            raise ConfigError(f"{_where(path, key_node.start_mark)}: {prefix}{key} is set twice "
+                              f"(first at line {seen[key]})")
+        seen[key] = key_node.start_mark.line + 1
+        yield key, key_node, value_node
 
 
-def _read_section(path, name, nodes):
-    key_node, value_node = nodes
+def _read_section(path, name, key_node, value_node):
     if name not in SCHEMA:
         raise ConfigError(_unknown(path, key_node, name, SCHEMA))
-    if isinstance(value_node, yaml.ScalarNode) and value_node.value in ("", "~", "null"):
-        return SECTIONS[name]()
     values = {}
-    for key, (k_node, v_node) in _mapping(value_node, path, f"section {name!r}"):
-        if key not in SCHEMA[name]:
-            raise ConfigError(_unknown(path, k_node, f"{name}.{key}", SCHEMA[name], prefix=name))
-        raw = _expand(yaml.safe_load(yaml.serialize(v_node)), path, v_node, f"{name}.{key}")
-        try:
-            values[key] = SCHEMA[name][key](raw)
-        except ValueError as exc:
-            raise ConfigError(f"{path}:{v_node.start_mark.line + 1}: {name}.{key}: {exc}") from None
+    if not _is_null(value_node):  # an empty section keeps every default
+        for key, k_node, v_node in _mapping(value_node, path, f"section {name!r}", f"{name}."):
+            dotted = f"{name}.{key}"
+            if key not in SCHEMA[name]:
+                raise ConfigError(_unknown(path, k_node, dotted, SCHEMA[name], prefix=name))
+            raw = _expand(_plain_value(path, v_node, dotted), path, v_node, dotted)
+            if raw is None:  # `key:` or `key: null` means the built-in default
+                continue
+            try:
+                values[key] = SCHEMA[name][key](raw)
+            except ValueError as exc:
+                raise ConfigError(f"{_where(path, v_node.start_mark)}: {dotted}: {exc}") from None
     return SECTIONS[name](**values)
+
+
+def _is_null(node) -> bool:
+    return isinstance(node, yaml.ScalarNode) and node.tag == "tag:yaml.org,2002:null"
+
+
+def _plain_value(path, node, key):
+    """The node as plain Python data; custom tags (`!!python/...`) are refused."""
+    try:
+        return yaml.safe_load(yaml.serialize(node))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{_where(path, node.start_mark)}: {key}: not a plain YAML value: "
+                          f"{getattr(exc, 'problem', None) or exc}") from None
 
 
 def _unknown(path, node, key, known, prefix=None) -> str:
     leaf = key.rsplit(".", 1)[-1]
     close = difflib.get_close_matches(leaf, list(known), n=1)
     hint = f"; did you mean {prefix + '.' if prefix else ''}{close[0]}?" if close else ""
-    return f"{path}:{node.start_mark.line + 1}: unknown key {key!r}{hint}"
+    return f"{_where(path, node.start_mark)}: unknown key {key!r}{hint}"
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -286,7 +332,7 @@ def _expand(value, path, node, key):
         if default is not None:
             return default
         raise ConfigError(
-            f"{path}:{node.start_mark.line + 1}: {key}: environment variable {name} is not set "
+            f"{_where(path, node.start_mark)}: {key}: environment variable {name} is not set "
             f"(write ${{{name}:-default}} to give a default)"
         )
 
@@ -301,30 +347,42 @@ def _expand(value, path, node, key):
 
 
 def _check_relations(config: Config, path, root) -> None:
-    """Rules between keys, reported at the line of the key that breaks them."""
+    """Rules between keys, reported at the line of the first key of each rule
+    that the file sets."""
     server = config.server
     rules = [
-        (server.heartbeat_interval > 0, "server.heartbeat_interval", "must be greater than 0"),
-        (server.poll_interval > 0, "server.poll_interval", "must be greater than 0"),
+        (server.heartbeat_interval > 0, ["server.heartbeat_interval"],
+         "server.heartbeat_interval must be greater than 0"),
+        (server.poll_interval > 0, ["server.poll_interval"], "server.poll_interval must be greater than 0"),
         (
-            server.dead_after > server.heartbeat_interval,
-            "server.dead_after",
-            f"({server.dead_after:g}s) must be greater than server.heartbeat_interval "
-            f"({server.heartbeat_interval:g}s); 5 to 10 heartbeats is a good choice",
+            # A supervisor that cannot heartbeat kills its jobs' processes at
+            # dead_after - heartbeat_interval/2 after its last heartbeat; the
+            # next heartbeat (heartbeat_interval later) must come before that.
+            server.dead_after >= 2 * server.heartbeat_interval,
+            ["server.dead_after", "server.heartbeat_interval"],
+            f"server.dead_after ({server.dead_after:g}s) must be at least 2 x "
+            f"server.heartbeat_interval ({server.heartbeat_interval:g}s): a supervisor that "
+            f"cannot heartbeat kills its jobs at dead_after - heartbeat_interval/2 after its "
+            f"last heartbeat, which must leave time for the next heartbeat to renew them "
+            f"(5 to 10 heartbeats is a good choice)",
         ),
     ]
-    for ok, key, message in rules:
+    for ok, keys, message in rules:
         if not ok:
-            raise ConfigError(f"{path}:{_line_of(root, key)}: {key} {message}")
+            raise ConfigError(f"{path}:{_line_of(root, keys)}: {message}")
 
 
-def _line_of(root, dotted: str) -> int:
-    node = root
-    for part in dotted.split("."):
-        for key_node, value_node in getattr(node, "value", []) or []:
-            if getattr(key_node, "value", None) == part:
-                line, node = key_node.start_mark.line + 1, value_node
+def _line_of(root, dotted_keys: list[str]) -> int:
+    """The line of the first of `dotted_keys` set in the file, else 1."""
+    for dotted in dotted_keys:
+        node, line = root, None
+        for part in dotted.split("."):
+            pairs = node.value if isinstance(node, yaml.MappingNode) else []
+            match = [(k, v) for k, v in pairs if k.value == part]
+            if not match:
+                line = None
                 break
-        else:
-            return 1
-    return line
+            line, node = match[0][0].start_mark.line + 1, match[0][1]
+        if line:
+            return line
+    return 1

@@ -1,0 +1,109 @@
+"""Fixtures: real databases (a SQLite file, PostgreSQL, MariaDB), and real
+supervisor processes.
+
+PostgreSQL and MariaDB are taken from SHIFTCHANGE_TEST_POSTGRES_URL and
+SHIFTCHANGE_TEST_MYSQL_URL (defaults: the local servers). One that cannot be
+reached is skipped locally, and fails the run when
+SHIFTCHANGE_REQUIRE_ALL_DATABASES=1 (as in CI): a database test that
+silently skips is a test that does not exist.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, inspect, text
+
+from supervisor.database import make_engine
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+SERVER_URLS = {
+    "postgresql": os.environ.get("SHIFTCHANGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    "mariadb": os.environ.get("SHIFTCHANGE_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
+}
+_unreachable: dict[str, str] = {}
+
+
+def drop_shiftchange_tables(url: str) -> None:
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            for table in inspect(conn).get_table_names():
+                if table.startswith("shiftchange_"):
+                    conn.execute(text(f"DROP TABLE {table}"))
+    finally:
+        engine.dispose()
+
+
+def _server_url(kind: str) -> str:
+    url = SERVER_URLS[kind]
+    if kind not in _unreachable:
+        try:
+            drop_shiftchange_tables(url)
+            _unreachable[kind] = ""
+        except Exception as exc:  # reported below, once per database
+            _unreachable[kind] = str(exc).splitlines()[0]
+    if _unreachable[kind]:
+        message = f"{kind} at {url} is unreachable: {_unreachable[kind]}"
+        if os.environ.get("SHIFTCHANGE_REQUIRE_ALL_DATABASES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    drop_shiftchange_tables(url)
+    return url
+
+
+def database_url(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'queue.db'}"
+    return _server_url(kind)
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def db_url(request, tmp_path):
+    """A URL to an empty database, for each of the three kinds."""
+    return database_url(request.param, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def e2e_db_url(request, tmp_path):
+    """End-to-end scenarios run on SQLite and PostgreSQL."""
+    return database_url(request.param, tmp_path)
+
+
+@pytest.fixture
+def sqlite_url(tmp_path):
+    return database_url("sqlite", tmp_path)
+
+
+@pytest.fixture
+def postgres_url(tmp_path):
+    return database_url("postgresql", tmp_path)
+
+
+@pytest.fixture
+def supervisors(tmp_path):
+    """Start real supervisors with `supervisors(url, name, **settings)`;
+    whatever they leave behind is killed after the test."""
+    from harness import Supervisor
+
+    started = []
+
+    def start(url, name="s1", **settings):
+        sup = Supervisor(url, tmp_path, name, **settings).start()
+        started.append(sup)
+        return sup
+
+    yield start
+    for sup in started:
+        sup.destroy()
+
+
+@pytest.fixture
+def records(tmp_path):
+    """A directory where test jobs write what they did."""
+    path = tmp_path / "records"
+    path.mkdir()
+    return path

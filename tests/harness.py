@@ -1,0 +1,128 @@
+"""Real supervisor processes for end-to-end tests, and waiting with a
+deadline instead of sleeping."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from supervisor import Queue
+
+TESTS = Path(__file__).parent
+FAST = {
+    "server": {"heartbeat_interval": "200ms", "dead_after": "2s", "poll_interval": "50ms", "concurrency": 2},
+    "shutdown": {"kill_after": "1s"},
+    "jobs": {"allow": ["scjobs:*"], "retry_backoff": "100ms", "max_attempts": 2},
+}
+
+
+def wait_for(predicate, timeout=20.0, what="condition", interval=0.02):
+    """Poll `predicate` until it returns something truthy, or fail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+class Supervisor:
+    """One `python -m supervisor run` process in its own session."""
+
+    def __init__(self, url: str, workdir: Path, name: str, **settings):
+        self.name = name
+        self.workdir = workdir
+        self.config_path = workdir / f"{name}.yaml"
+        config = merge(FAST, settings)
+        config.setdefault("database", {})["url"] = url
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"{name}.log"
+        self.proc = None
+        self.seen: dict[int, float] = {}  # every pid of its tree we saw, with start time
+
+    def start(self) -> "Supervisor":
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+        env.pop("NOTIFY_SOCKET", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "supervisor", "run", "--config", str(self.config_path), "--name", self.name],
+            stdout=open(self.log_path.with_suffix(".out"), "w"),
+            stderr=open(self.log_path, "w"),
+            env=env,
+            cwd=self.workdir,
+            start_new_session=True,
+        )
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait_registered(self, queue: Queue, timeout=20.0):
+        return wait_for(
+            lambda: next((s for s in queue.servers() if s.pid == self.pid and s.state == "running"), None),
+            timeout, f"{self.name} to register\n{self.log()}",
+        )
+
+    def remember_tree(self) -> list[int]:
+        """Note every process of its tree now, to check later that none survives."""
+        try:
+            root = psutil.Process(self.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                self.seen[proc.pid] = proc.create_time()
+        except psutil.NoSuchProcess:
+            pass
+        return list(self.seen)
+
+    def survivors(self) -> list[int]:
+        alive = []
+        for pid, started in self.seen.items():
+            try:
+                proc = psutil.Process(pid)
+                if abs(proc.create_time() - started) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def send(self, sig) -> None:
+        self.remember_tree()
+        os.kill(self.pid, sig)
+
+    def wait(self, timeout=20.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{self.name} did not exit within {timeout}s\n{self.log()}") from None
+
+    def destroy(self) -> None:
+        """Test teardown: nothing of it may be left running."""
+        self.remember_tree()
+        for pid in self.survivors():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+def read_lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []

@@ -15,6 +15,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, inspect
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.pool import NullPool
 
 from supervisor.errors import ConfigError, SchemaOutOfDate, StorageUnavailable
 from supervisor.tables import VERSION_TABLE, jobs
@@ -65,7 +66,13 @@ def make_engine(url: str) -> Engine:
     try:
         parsed = _driver_url(url)
         dialect = parsed.get_dialect().name
-        engine = create_engine(parsed, connect_args=_connect_args(dialect))
+        # SQLite keeps per-process state about open database files (locks, the
+        # mapped WAL index) that a fork() copies but cannot make true: a job
+        # process forked while the supervisor holds a connection fails with
+        # "locking protocol". No pool means no connection is open between
+        # transactions, so none is ever open at a fork.
+        pooling = {"poolclass": NullPool} if dialect == "sqlite" else {}
+        engine = create_engine(parsed, connect_args=_connect_args(dialect), **pooling)
     except (ArgumentError, ValueError) as exc:
         raise ConfigError(f"database.url {mask_url(url)!r} is not a database URL: {exc}") from None
     except (NoSuchModuleError, ImportError) as exc:

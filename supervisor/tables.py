@@ -9,7 +9,7 @@ came to be, and tests check that both agree.
 from sqlalchemy import (
     BigInteger,
     Column,
-    Float,
+    Double,
     Index,
     Integer,
     MetaData,
@@ -28,7 +28,7 @@ metadata = MetaData()
 LongText = Text().with_variant(mysql.MEDIUMTEXT(), "mysql", "mariadb")
 # SQLite only aliases the rowid for a plain INTEGER primary key.
 Id = BigInteger().with_variant(Integer(), "sqlite")
-Epoch = Float(precision=53)
+Epoch = Double()  # float seconds since the epoch, from the database clock
 
 jobs = Table(
     PREFIX + "jobs",

@@ -5,6 +5,7 @@ long: connect, read and lock waits are bounded, because a supervisor stuck in
 a call cannot heartbeat or hand off.
 """
 
+import os
 import re
 from importlib import resources
 
@@ -80,8 +81,23 @@ def make_engine(url: str) -> Engine:
         hint = f" (pip install 'shiftchange[{extra}]')" if extra else ""
         raise ConfigError(f"no driver for {mask_url(url)}{hint}: {exc}") from None
     if dialect == "sqlite":
+        _create_private_file(parsed.database)
         _set_up_sqlite(engine)
     return engine
+
+
+def _create_private_file(path: str | None) -> None:
+    """Create a new SQLite database file readable by its owner only: it
+    holds job arguments. SQLite gives its -wal and -shm files the same
+    permissions."""
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create the SQLite database {path}: {exc.strerror}") from None
 
 
 def _set_up_sqlite(engine: Engine) -> None:

@@ -31,6 +31,7 @@ from supervisor.processes import (
 from supervisor.records import Job
 from supervisor.storage import LIVE_SERVER_STATES, Storage
 from supervisor.targets import AllowList, TargetRefused
+from supervisor.wakeup import Wakeups
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SWEEP_EVERY_S = 300.0
@@ -45,8 +46,9 @@ class Supervisor:
         self.storage: Storage | None = None
         self.server_id: str | None = None
         self.running: dict[int, RunningJob] = {}  # by child pid
-        self.signals: list[int] = []
+        self.signals: list[tuple[int, float]] = []  # (signal, when it came)
         self.stop_signal: int | None = None  # the signal that began shutdown
+        self.stop_signal_at: float | None = None
         self.hurry = False  # a second stop signal: skip what waiting is left
         self.claiming = True
         self.dropping = False  # outcomes are not ours to record any more
@@ -58,6 +60,7 @@ class Supervisor:
         self.next_beat = self.next_claim = self.next_sweep = 0.0
         self.next_watchdog = 0.0
         self.watchdog = systemd.watchdog_interval()
+        self.wakeups: Wakeups | None = None
 
     # --- signals -----------------------------------------------------------------
 
@@ -71,27 +74,33 @@ class Supervisor:
 
     def _queue_signal(self, signum, _frame) -> None:
         # Only queue: logging, killing and waiting happen in the loop.
-        self.signals.append(signum)
+        self.signals.append((signum, clock()))
 
     def handle_signals(self) -> None:
         while self.signals:
-            signum = self.signals.pop(0)
+            signum, at = self.signals.pop(0)
             if signum == signal.SIGCHLD:
                 continue  # collect_children runs on every wake-up anyway
             if self.stop_signal is None:
-                self.stop_signal = signum
+                self.stop_signal, self.stop_signal_at = signum, at
                 event("received %s: shutting down", signal.Signals(signum).name, event="signal")
             elif not self.hurry:
                 self.hurry = True
                 event("received %s again: skipping the waits", signal.Signals(signum).name, event="signal")
 
     def wait(self, timeout: float) -> None:
-        """Sleep until a signal, a child's message, or `timeout` seconds."""
+        """Sleep until a signal, a child's message, news of claimable jobs,
+        or `timeout` seconds."""
         fds = [self.wakeup_r, *(child.results for child in self.running.values())]
+        listening = self.wakeups.fileno() if self.wakeups and self.claiming else None
+        if listening is not None:
+            fds.append(listening)
         try:
-            select.select(fds, [], [], max(0.0, timeout))
+            ready, _, _ = select.select(fds, [], [], max(0.0, timeout))
         except InterruptedError:
-            pass
+            ready = []
+        if listening in ready and self.wakeups.drain():
+            self.next_claim = clock()
         try:
             while os.read(self.wakeup_r, 4096):
                 pass
@@ -112,6 +121,7 @@ class Supervisor:
             try:
                 ensure_schema(engine)
                 self.storage = Storage(engine)
+                self.wakeups = Wakeups(engine)
                 self._reap_previous_incarnation()
                 self._register()
                 return True

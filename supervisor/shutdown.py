@@ -21,7 +21,7 @@ STORAGE_BOUND_S = 2.0  # how long a shutdown step may wait for the database
 def shut_down(sup) -> int:
     """Run the sequence on Supervisor `sup`; returns the exit code."""
     settings = sup.config.shutdown
-    began = clock()
+    began = sup.stop_signal_at or clock()
     why = _reason(sup)
     sup.claiming = False  # 1. stop claiming
     _drain(sup, settings.drain)  # 2. jobs that finish now complete normally
@@ -30,7 +30,7 @@ def shut_down(sup) -> int:
     )
     sup.dropping = True  # what the children do from here on is not recorded
     if committed:
-        event("handed off jobs %s in %.1f ms (held until their old runs are dead)",
+        event("handed off jobs %s in %.1f ms after the signal (held until their old runs are dead)",
               [job.id for job in held], (clock() - began) * 1000, event="handed_off",
               server=sup.server_id, jobs=[job.id for job in held])
     else:

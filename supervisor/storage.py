@@ -12,7 +12,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, exists, func, insert, select, tuple_, update
+from sqlalchemy import and_, delete, exists, func, insert, select, text, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -27,6 +27,7 @@ MAX_PAYLOAD_BYTES = 1 << 20  # args + kwargs, and each checkpoint
 MAX_ERROR_CHARS = 64_000
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]{1,200}$")
 LIVE_SERVER_STATES = ("running", "stopping")
+WAKE_CHANNEL = "shiftchange_jobs"  # PostgreSQL NOTIFY channel
 
 
 # --- what a producer asks for ------------------------------------------------
@@ -136,6 +137,7 @@ class Storage:
         self.engine = engine
         # SQLite has one writer at a time; the others lock the rows they take.
         self.locks_rows = engine.dialect.name != "sqlite"
+        self.notifies = engine.dialect.name == "postgresql"
 
     @contextmanager
     def _transaction(self, write: bool):
@@ -159,6 +161,12 @@ class Storage:
             return query
         return query.with_for_update(skip_locked=skip_locked, read=read)
 
+    def _wake(self, conn) -> None:
+        """Tell idle supervisors that jobs became claimable (PostgreSQL
+        NOTIFY, delivered at commit); elsewhere they find out by polling."""
+        if self.notifies:
+            conn.execute(text(f"NOTIFY {WAKE_CHANNEL}"))
+
     def _record(self, conn, rows: list[dict]) -> None:
         """Append events: dicts of job_id, kind, server_id, detail."""
         if rows:
@@ -174,6 +182,7 @@ class Storage:
     def enqueue(self, *specs: NewJob) -> list[int]:
         """Insert jobs, each with an `enqueued` event. All or nothing."""
         with self._write() as conn:
+            self._wake(conn)
             return [self._insert_job(conn, spec) for spec in specs]
 
     def _insert_job(self, conn, spec: NewJob) -> int:
@@ -376,6 +385,7 @@ class Storage:
             if not taken:
                 self._refuse_stale(conn, job_id, lease, server_id, "hand-off")
                 return "stale"
+            self._wake(conn)
             return "failed" if taken[0].failed else "enqueued"
 
     # handoff and reaping -----------------------------------------------------
@@ -454,6 +464,7 @@ class Storage:
                     .where(tuple_(jobs.c.id, jobs.c.lease).in_(pairs), jobs.c.state == "enqueued")
                     .values(run_at=db_now())
                 )
+                self._wake(conn)
             conn.execute(
                 update(servers)
                 .where(servers.c.id == server_id, servers.c.state.in_(LIVE_SERVER_STATES))
@@ -483,10 +494,13 @@ class Storage:
                 servers.c.state.in_(LIVE_SERVER_STATES),
                 ~stale,
             )
-            return self._take_back(
+            taken = self._take_back(
                 conn, ~alive, "reaped",
                 lambda row: f"server {row.server_id} stopped heartbeating", 0.0,
             )
+            if taken:
+                self._wake(conn)
+            return taken
 
     def reap_server(self, server_id: str, reason: str) -> list[Requeued]:
         """Declare one server dead now (it was proven dead, e.g. its pid is
@@ -497,16 +511,20 @@ class Storage:
                 .where(servers.c.id == server_id, servers.c.state.in_(LIVE_SERVER_STATES))
                 .values(state="dead", stopped_at=db_now())
             )
+            self._wake(conn)
             return self._take_back(conn, jobs.c.server_id == server_id, "reaped", lambda _: reason, 0.0)
 
     def promote_due(self) -> int:
         """Scheduled jobs whose time has come become `enqueued`."""
         with self._write() as conn:
-            return conn.execute(
+            promoted = conn.execute(
                 update(jobs)
                 .where(jobs.c.state == "scheduled", jobs.c.run_at <= db_now())
                 .values(state="enqueued")
             ).rowcount
+            if promoted:
+                self._wake(conn)
+            return promoted
 
     # operators ---------------------------------------------------------------
 
@@ -577,6 +595,7 @@ class Storage:
             )
             self._record(conn, [dict(job_id=job_id, kind="requeued", server_id=server_id,
                                      detail=f"by an operator (was {row.state})")])
+            self._wake(conn)
         return self.get(job_id)
 
     def delete(self, job_id: int) -> None:

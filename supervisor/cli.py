@@ -91,7 +91,10 @@ def parse_when(text: str) -> tuple[float | None, float]:
     """--at: an ISO 8601 time (UTC unless it says otherwise) or a delay such
     as +10m. Returns (epoch or None, delay seconds)."""
     if text.startswith("+"):
-        return None, parse_duration(text[1:])
+        try:
+            return None, parse_duration(text[1:])
+        except ValueError as exc:
+            raise ConfigError(f"--at {text!r}: {exc}") from None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -167,9 +170,14 @@ def status(config: ConfigOption = None, json_: JsonOption = False):
     from rich.console import Console
     from rich.table import Table
 
+    from supervisor.records import JOB_STATES
+
     q = open_queue(config)
     servers = q.servers()
-    counts, queues = q.counts(), q.queue_counts()
+    # Every state is always listed, with 0 when no job is in it.
+    totals = q.counts()
+    counts = {state: totals.get(state, 0) for state in JOB_STATES}
+    queues = q.queue_counts()
     if json_:
         print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues})
         return
@@ -197,7 +205,6 @@ def jobs(
 ):
     """List jobs, newest first."""
     from rich.console import Console
-    from rich.table import Table
 
     from supervisor.records import JOB_STATES
 
@@ -207,12 +214,30 @@ def jobs(
     if json_:
         print_json([job.to_dict() for job in found])
         return
-    table = Table("id", "state", "queue", "target", "attempts", "interruptions", "server", "error")
+    Console().print(_jobs_table(found))
+
+
+def _jobs_table(found):
+    """One line per job whatever the terminal width: the long cells (target,
+    server, error) shrink first and are cut with an ellipsis rather than
+    wrapped; `job ID` shows them whole."""
+    from rich.table import Table
+    from rich.text import Text
+
+    def cut(text: str) -> Text:
+        return Text(text, no_wrap=True, overflow="ellipsis")
+
+    table = Table("id", "state", "queue", "target", "tries", "intr", "server", "error",
+                  caption="tries: attempts used; intr: interruptions (handoffs and crashes)")
+    for column in table.columns:
+        # rich shrinks only wrappable columns; the short ones must never wrap.
+        column.no_wrap = column.header not in ("target", "server", "error")
     for job in found:
-        error = (job.error or "").strip().splitlines()[-1:] or [""]
-        table.add_row(str(job.id), job.state, job.queue, job.target, str(job.attempts),
-                      str(job.interruptions), job.server or "-", error[0][:60])
-    Console().print(table)
+        target = " ".join(job.argv) if job.kind == "command" else job.target
+        error = (job.error or "").strip().splitlines()[-1:] or [""]  # a traceback's last line says what broke
+        table.add_row(str(job.id), job.state, job.queue, cut(target), str(job.attempts),
+                      str(job.interruptions), cut(job.server or "-"), cut(error[0]))
+    return table
 
 
 @app.command()
@@ -261,12 +286,14 @@ def delete(job_ids: Annotated[list[int], typer.Argument(metavar="ID...")], confi
 @reports_errors
 def handoff(
     server: Annotated[Optional[list[str]], typer.Option("--server", "-s", help="Server name or id; repeat for more (default: every running server on this host).")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for each local supervisor to exit before SIGKILL.")] = 10.0,
+    timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for each local supervisor to exit before SIGKILL.")] = 10.0,
     config: ConfigOption = None,
     json_: JsonOption = False,
 ):
-    """For pre-stop hooks and deploy scripts: requeue the servers' in-flight
-    jobs in one transaction, then stop their supervisors on this host."""
+    """Hand servers' jobs back and stop them: for pre-stop hooks and deploy scripts.
+
+    Requeues the servers' in-flight jobs in one transaction, then stops their
+    supervisors that run on this host."""
     from supervisor.handoff import hand_off
 
     q = open_queue(config)
@@ -275,7 +302,8 @@ def handoff(
         print_json(reports)
         return
     if not reports:
-        typer.echo("no running server to hand off")
+        where = f"named {', '.join(server)}" if server else "registered from this host"
+        typer.echo(f"no running server {where}: nothing to hand off")
     for r in reports:
         typer.echo(f"server {r['name']} ({r['id']}): requeued jobs {r['jobs']}; {r['supervisor']}")
 

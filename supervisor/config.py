@@ -2,7 +2,9 @@
 errors that name the key, the file and the line.
 
 Every key is declared once in SCHEMA with its parser and default; the frozen
-dataclasses below are what the rest of the code receives.
+dataclasses below are what the rest of the code receives. A key left empty or
+set to null takes its built-in default. config/shiftchange.yaml documents
+every key.
 """
 
 import difflib
@@ -87,6 +89,8 @@ def parse_text_list(value) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         value = [value]
+    if isinstance(value, tuple):
+        value = list(value)
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
         raise ValueError(f"expected a list of strings, got {value!r}")
     return tuple(value)
@@ -162,8 +166,16 @@ class Config:
     source: str | None = None  # the file it was read from, if any
 
     def with_overrides(self, **server_values) -> "Config":
-        """A copy with `server.*` values replaced where they are not None."""
-        chosen = {k: v for k, v in server_values.items() if v not in (None, (), [])}
+        """A copy with `server.*` values (from command-line options) replaced
+        where they are given, checked like the same keys in a file."""
+        chosen = {}
+        for key, value in server_values.items():
+            if value in (None, (), []):
+                continue
+            try:
+                chosen[key] = SCHEMA["server"][key](value)
+            except ValueError as exc:
+                raise ConfigError(f"server.{key} (from the command line): {exc}") from None
         return replace(self, server=replace(self.server, **chosen)) if chosen else self
 
     def to_dict(self, mask: bool = True) -> dict:
@@ -302,7 +314,7 @@ def _is_null(node) -> bool:
 def _plain_value(path, node, key):
     """The node as plain Python data; custom tags (`!!python/...`) are refused."""
     try:
-        return yaml.safe_load(yaml.serialize(node))
+        return yaml.constructor.SafeConstructor().construct_document(node)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{_where(path, node.start_mark)}: {key}: not a plain YAML value: "
                           f"{getattr(exc, 'problem', None) or exc}") from None

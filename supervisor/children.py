@@ -23,6 +23,7 @@ class RunningJob:
     started: float = field(default_factory=clock)
     messages: list[dict] = field(default_factory=list)
     kill_reason: str | None = None  # set when the supervisor kills it on purpose
+    lease_lost: bool = False  # an operator took the job away: record nothing
     status: int | None = None  # waitpid status once reaped
     _buffer: bytes = b""
 
@@ -79,6 +80,8 @@ class RunningJob:
         return kind, error
 
     def _outcome(self) -> tuple[str, str | None]:
+        if self.lease_lost:
+            return "dropped", "the job was requeued or deleted while it ran"
         if self.kill_reason:
             return "failed", self.kill_reason
         fenced = self._message("fenced")

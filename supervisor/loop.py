@@ -330,7 +330,23 @@ class Supervisor:
         self.last_beat_sent = sent
         for child in self.running.values():
             child.renew(self.fence_deadline())
+        self._kill_runs_of_lost_jobs()
         self._housekeeping()
+
+    def _kill_runs_of_lost_jobs(self) -> None:
+        """An operator may requeue or delete a job while it runs here; its
+        run must stop before the hold on the requeued job ends."""
+        leases = {child.job.id: child.job.lease for child in self.running.values()}
+        try:
+            lost = set(self.storage.lost_leases(self.server_id, leases))
+        except StorageUnavailable:
+            return  # the next heartbeat checks again
+        for child in self.running.values():
+            if child.job.id in lost and not child.lease_lost:
+                child.lease_lost = True
+                kill_tree(child.pid)
+                event("job %d was requeued or deleted while it ran here: killed its run",
+                      child.job.id, level=logging.WARNING, event="lease_lost", job=child.job.id)
 
     def _beat_failed(self, exc) -> None:
         if self.beat_failing_since is None:

@@ -514,6 +514,21 @@ class Storage:
             self._wake(conn)
             return self._take_back(conn, jobs.c.server_id == server_id, "reaped", lambda _: reason, 0.0)
 
+    def lost_leases(self, server_id: str, leases: dict[int, int]) -> list[int]:
+        """Of the jobs this server runs ({id: lease}), those it does not
+        hold any more (an operator requeued or deleted them): their runs
+        must be killed."""
+        if not leases:
+            return []
+        with self._read() as conn:
+            held = set(conn.execute(
+                select(jobs.c.id, jobs.c.lease).where(
+                    jobs.c.id.in_(list(leases)), jobs.c.server_id == server_id,
+                    jobs.c.state == "processing",
+                )
+            ).tuples())
+        return [job_id for job_id, lease in leases.items() if (job_id, lease) not in held]
+
     def promote_due(self) -> int:
         """Scheduled jobs whose time has come become `enqueued`."""
         with self._write() as conn:
@@ -579,17 +594,25 @@ class Storage:
         return by_queue
 
     def requeue(self, job_id: int, server_id: str | None = None) -> Job:
-        """Put a job back in the queue now, with a new lease (so a run still
-        holding the old one can record nothing) and its attempts reset."""
+        """Put a job back in the queue, with a new lease (so a run still
+        holding the old one can record nothing) and its attempts reset. A
+        job still processing is held for its server's dead_after: by then
+        that server has killed the old run (it checks its leases every
+        heartbeat, and a frozen one's children fence themselves)."""
         with self._write() as conn:
             row = conn.execute(
-                self._for_update(select(jobs.c.state).where(jobs.c.id == job_id))
+                self._for_update(select(jobs.c.state, jobs.c.server_id).where(jobs.c.id == job_id))
             ).first()
             if row is None:
                 raise JobNotFound(f"no job with id {job_id}")
+            hold = 0.0
+            if row.state == "processing":
+                hold = conn.execute(
+                    select(servers.c.dead_after).where(servers.c.id == row.server_id)
+                ).scalar_one_or_none() or 0.0
             conn.execute(
                 update(jobs).where(jobs.c.id == job_id).values(
-                    state="enqueued", run_at=db_now(), server_id=None, lease=jobs.c.lease + 1,
+                    state="enqueued", run_at=db_now() + hold, server_id=None, lease=jobs.c.lease + 1,
                     attempts=0, finished_at=None,
                 )
             )

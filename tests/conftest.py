@@ -20,11 +20,46 @@ from supervisor.database import make_engine
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
-SERVER_URLS = {
+BASE_URLS = {
     "postgresql": os.environ.get("SHIFTCHANGE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
     "mariadb": os.environ.get("SHIFTCHANGE_TEST_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
 }
+# Each test session works in a database of its own, so two runs on one
+# machine (or a benchmark beside a test run) never drop each other's tables.
+SESSION_DB = f"shiftchange_t{os.getpid()}"
+SERVER_URLS: dict[str, str] = {}
 _unreachable: dict[str, str] = {}
+
+
+def _admin(url: str, statement: str) -> None:
+    engine = create_engine(make_url_with_driver(url), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
+def make_url_with_driver(url: str):
+    from supervisor.database import _driver_url
+
+    return _driver_url(url)
+
+
+def _create_session_database(kind: str) -> str:
+    base = make_url_with_driver(BASE_URLS[kind])
+    _admin(BASE_URLS[kind], f"DROP DATABASE IF EXISTS {SESSION_DB}")
+    _admin(BASE_URLS[kind], f"CREATE DATABASE {SESSION_DB}")
+    return base.set(database=SESSION_DB).render_as_string(hide_password=False)
+
+
+def pytest_sessionfinish(session):
+    for kind in SERVER_URLS:
+        force = " WITH (FORCE)" if kind == "postgresql" else ""
+        try:
+            _admin(BASE_URLS[kind], f"DROP DATABASE IF EXISTS {SESSION_DB}{force}")
+        except Exception:
+            pass  # best effort; the next session with this pid drops it first
 
 
 def drop_shiftchange_tables(url: str) -> None:
@@ -39,18 +74,18 @@ def drop_shiftchange_tables(url: str) -> None:
 
 
 def _server_url(kind: str) -> str:
-    url = SERVER_URLS[kind]
     if kind not in _unreachable:
         try:
-            drop_shiftchange_tables(url)
+            SERVER_URLS[kind] = _create_session_database(kind)
             _unreachable[kind] = ""
         except Exception as exc:  # reported below, once per database
             _unreachable[kind] = str(exc).splitlines()[0]
     if _unreachable[kind]:
-        message = f"{kind} at {url} is unreachable: {_unreachable[kind]}"
+        message = f"{kind} at {BASE_URLS[kind]} is unreachable: {_unreachable[kind]}"
         if os.environ.get("SHIFTCHANGE_REQUIRE_ALL_DATABASES"):
             pytest.fail(message)
         pytest.skip(message)
+    url = SERVER_URLS[kind]
     drop_shiftchange_tables(url)
     return url
 

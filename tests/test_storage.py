@@ -404,3 +404,22 @@ def test_an_unreachable_database_is_one_clear_error_without_the_password():
     message = str(caught.value)
     assert "cannot reach the database" in message and "127.0.0.1:1" in message
     assert "s3cret" not in message and "\n" not in message
+
+
+def test_requeue_of_a_running_job_holds_it_until_its_run_is_surely_stopped(queue):
+    sid = register(queue, dead_after=30)
+    queue.enqueue("app:f")
+    job = claim_one(queue, sid)
+    queue.requeue(job.id)
+    assert 25 < queue.get(job.id).run_at - queue.storage.now() <= 30
+    assert queue.storage.lost_leases(sid, {job.id: job.lease}) == [job.id]
+
+
+def test_lost_leases_names_only_the_jobs_taken_away(queue):
+    sid = register(queue)
+    kept, taken, deleted = (queue.enqueue("app:f") for _ in range(3))
+    claimed = {j.id: j.lease for j in queue.storage.claim(sid, ["default"], 3)}
+    queue.requeue(taken.id)
+    queue.delete(deleted.id)
+    assert sorted(queue.storage.lost_leases(sid, claimed)) == sorted([taken.id, deleted.id])
+    assert queue.storage.lost_leases(sid, {}) == []

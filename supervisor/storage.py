@@ -521,12 +521,15 @@ class Storage:
         if not leases:
             return []
         with self._read() as conn:
-            held = set(conn.execute(
-                select(jobs.c.id, jobs.c.lease).where(
-                    jobs.c.id.in_(list(leases)), jobs.c.server_id == server_id,
-                    jobs.c.state == "processing",
+            held = {
+                (row.id, row.lease)
+                for row in conn.execute(
+                    select(jobs.c.id, jobs.c.lease).where(
+                        jobs.c.id.in_(list(leases)), jobs.c.server_id == server_id,
+                        jobs.c.state == "processing",
+                    )
                 )
-            ).tuples())
+            }
         return [job_id for job_id, lease in leases.items() if (job_id, lease) not in held]
 
     def promote_due(self) -> int:

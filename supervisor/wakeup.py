@@ -34,8 +34,8 @@ class Wakeups:
             self.retry_at = clock() + RETRY_EVERY_S
             try:
                 raw = self.engine.raw_connection()
-                raw.detach()  # ours for good, never handed back to the pool
                 driver = raw.driver_connection
+                raw.detach()  # ours for good, never handed back to the pool
                 driver.autocommit = True
                 driver.execute(f"LISTEN {WAKE_CHANNEL}")
                 self.connection = driver

@@ -1,0 +1,63 @@
+"""python -m benchmarks run [--quick] [--db sqlite,postgresql] [--only NAME,...] [--peers]
+
+Prints one JSON line per measurement. --quick is the small version CI runs
+so the benchmarks cannot rot; the numbers in docs/benchmarks.md come from a
+full run.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+
+from benchmarks import scenarios
+from benchmarks.procs import temp_workdir
+
+FULL = {
+    "handoff": lambda db, wd: scenarios.handoff_commit(db, wd),
+    "takeover": lambda db, wd: scenarios.takeover(db, wd),
+    "crash": lambda db, wd: scenarios.crash_recovery(db, wd),
+    "throughput": lambda db, wd: [*scenarios.throughput(db, wd), *scenarios.throughput(db, wd, job="sleep10ms", n_jobs=1000)],
+    "scale": lambda db, wd: [*scenarios.claim_at_scale(db, wd), *scenarios.enqueue_rate(db, wd), *scenarios.idle_statements(db, wd)],
+    "footprint": lambda db, wd: scenarios.footprint(db, wd),
+}
+QUICK = {
+    "handoff": lambda db, wd: scenarios.handoff_commit(db, wd, in_flight=(1, 4), runs=2),
+    "takeover": lambda db, wd: scenarios.takeover(db, wd, kill_after_values=("0s",), runs=2),
+    "crash": lambda db, wd: scenarios.crash_recovery(db, wd, runs=1, settings={
+        "aggressive (heartbeat 200ms, dead_after 2s)": {"heartbeat_interval": "200ms", "dead_after": "2s"}}),
+    "throughput": lambda db, wd: scenarios.throughput(db, wd, n_jobs=100, concurrencies=(2,), repeats=1),
+    "scale": lambda db, wd: [*scenarios.claim_at_scale(db, wd, small=100, large=1000),
+                             *scenarios.enqueue_rate(db, wd, producers=2, per_producer=50),
+                             *scenarios.idle_statements(db, wd, seconds=2.0)],
+    "footprint": lambda db, wd: scenarios.footprint(db, wd, seconds=1.0),
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks")
+    parser.add_argument("command", choices=["run"])
+    parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
+    parser.add_argument("--db", default="sqlite,postgresql", help="comma-separated: sqlite,postgresql,mariadb")
+    parser.add_argument("--only", default=",".join(FULL), help="comma-separated: " + ",".join(FULL))
+    parser.add_argument("--peers", action="store_true", help="also run Celery, RQ and procrastinate")
+    options = parser.parse_args(argv)
+    table = QUICK if options.quick else FULL
+    workdir = temp_workdir()
+    try:
+        for name in options.only.split(","):
+            for db in options.db.split(","):
+                for result in table[name](db, workdir):
+                    print(json.dumps(result), flush=True)
+        if options.peers:
+            from benchmarks.compare import run_peers
+
+            for result in run_peers(quick=options.quick):
+                print(json.dumps(result), flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

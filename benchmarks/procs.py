@@ -1,0 +1,144 @@
+"""Databases and supervisor processes for the benchmarks."""
+
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+from sqlalchemy import create_engine, text
+
+from supervisor import Queue
+from supervisor.database import _driver_url, make_engine
+
+REPO = Path(__file__).resolve().parents[1]
+SERVER_URLS = {
+    "postgresql": os.environ.get("SHIFTCHANGE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    "mariadb": os.environ.get("SHIFTCHANGE_BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
+}
+BENCH_DB = "shiftchange_bench"
+BASE_SETTINGS = {
+    "server": {"heartbeat_interval": "1s", "dead_after": "10s", "poll_interval": "200ms"},
+    "shutdown": {"kill_after": "0s"},
+    "jobs": {"allow": ["benchmarks.bjobs:*"], "max_interruptions": 1000},
+    "log": {"level": "info"},
+}
+
+
+def fresh_database(kind: str, workdir: Path) -> str:
+    """An empty database of `kind` with the schema created."""
+    if kind == "sqlite":
+        path = workdir / "bench.db"
+        for suffix in ("", "-wal", "-shm"):
+            Path(str(path) + suffix).unlink(missing_ok=True)
+        url = f"sqlite:///{path}"
+    else:
+        admin = create_engine(_driver_url(SERVER_URLS[kind]), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            force = " WITH (FORCE)" if kind == "postgresql" else ""
+            conn.execute(text(f"DROP DATABASE IF EXISTS {BENCH_DB}{force}"))
+            conn.execute(text(f"CREATE DATABASE {BENCH_DB}"))
+        admin.dispose()
+        url = _driver_url(SERVER_URLS[kind]).set(database=BENCH_DB).render_as_string(hide_password=False)
+    Queue(url).close()  # creates the schema
+    return url
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.001):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not reached in time")
+        time.sleep(interval)
+
+
+def merge(base: dict, extra: dict) -> dict:
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in extra.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+class Supervisor:
+    """A `shiftchange run` process in its own session."""
+
+    def __init__(self, url: str, workdir: Path, name: str, wrapper: list[str] | None = None, **settings):
+        self.name, self.workdir = name, workdir
+        config = merge(BASE_SETTINGS, settings)
+        config["database"] = {"url": url}
+        self.config_path = workdir / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = workdir / f"{name}.log"
+        env = dict(os.environ, PYTHONPATH=str(REPO))
+        command = wrapper or [sys.executable, "-m", "supervisor"]
+        self.proc = subprocess.Popen(
+            [*command, "run", "--config", str(self.config_path), "--name", name],
+            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), env=env, cwd=workdir,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self):
+        return self.proc.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_registered(self, queue: Queue, timeout=30.0):
+        return wait_until(
+            lambda: next((s for s in queue.servers() if s.pid == self.pid and s.state == "running"), None),
+            timeout, interval=0.01,
+        )
+
+    def handoff_ms(self) -> float | None:
+        """What the supervisor itself measured: signal -> handoff committed."""
+        found = re.search(r"handed off jobs \[.*?\] in ([\d.]+) ms", self.log())
+        return float(found.group(1)) if found else None
+
+    def kill(self, sig=signal.SIGKILL):
+        os.kill(self.pid, sig)
+
+    def destroy(self):
+        """Kill it and everything below it, whatever state it is in."""
+        try:
+            root = psutil.Process(self.pid)
+            for proc in [root, *root.children(recursive=True)]:
+                proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def read_marker(path: Path) -> list[tuple[float, int, int]]:
+    """(start clock, pid, overlap flag) for each run recorded in `path`."""
+    if not path.exists():
+        return []
+    return [(float(a), int(b), int(c)) for a, b, c in (line.split() for line in path.read_text().splitlines())]
+
+
+def summary(samples: list[float], unit: str) -> dict:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
+    return {
+        "n": len(ordered),
+        f"p50_{unit}": round(statistics.median(ordered), 3),
+        f"p99_{unit}": round(p99, 3),
+        f"min_{unit}": round(ordered[0], 3),
+        f"max_{unit}": round(ordered[-1], 3),
+    }
+
+
+def temp_workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="shiftchange-bench-"))

@@ -1,0 +1,275 @@
+"""Each measurement of docs/benchmarks.md, as a function returning dicts.
+
+Timings come from CLOCK_BOOTTIME (supervisor.processes.clock), which the
+benchmark process, the supervisors and the jobs share, so "the job's code
+started again" is read from the job's own record, not guessed from polling.
+"""
+
+import multiprocessing
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from sqlalchemy import insert, select, func, text
+
+from benchmarks.procs import Supervisor, fresh_database, read_marker, summary, wait_until
+from supervisor import Queue
+from supervisor.processes import clock
+from supervisor.storage import new_job
+from supervisor.tables import jobs
+
+SPIN = "benchmarks.bjobs:spin"
+
+
+def _processing(queue, n):
+    return queue.counts().get("processing", 0) == n
+
+
+# --- 1. handoff commit ------------------------------------------------------------
+
+
+def handoff_commit(kind, workdir, in_flight=(1, 8, 64), runs=20):
+    """SIGTERM -> the in-flight jobs durable as `enqueued`, CPU-bound
+    children ignoring SIGTERM."""
+    for n in in_flight:
+        internal, observed = [], []
+        for run in range(runs):
+            url = fresh_database(kind, workdir)
+            with Queue(url) as queue:
+                queue.storage.enqueue(*(new_job(SPIN, [str(workdir / f"m{run}-{i}")]) for i in range(n)))
+                sup = Supervisor(url, workdir, f"h{n}-{run}", server={"concurrency": n})
+                try:
+                    sup.wait_registered(queue)
+                    wait_until(lambda: _processing(queue, n), 60, 0.01)
+                    sent = clock()
+                    sup.kill(signal.SIGTERM)
+                    wait_until(lambda: queue.counts().get("enqueued", 0) == n, 10)
+                    observed.append((clock() - sent) * 1000)
+                    sup.proc.wait(30)
+                    internal.append(sup.handoff_ms())
+                finally:
+                    sup.destroy()
+        yield {"measurement": "handoff_commit", "db": kind, "in_flight": n,
+               "supervisor_measured": summary(internal, "ms"),
+               "observed_from_outside": summary(observed, "ms")}
+
+
+# --- 2. takeover --------------------------------------------------------------------
+
+
+def takeover(kind, workdir, kill_after_values=("0s", "1s"), runs=20):
+    """Rolling deploy, the new supervisor already running: SIGTERM to the
+    old one -> the job's code running again on the new one."""
+    for kill_after in kill_after_values:
+        restart, old_exit, overlaps = [], [], 0
+        for run in range(runs):
+            url = fresh_database(kind, workdir)
+            marker = workdir / f"takeover-{kind}-{kill_after}-{run}"
+            with Queue(url) as queue:
+                old = Supervisor(url, workdir, "old", server={"concurrency": 1}, shutdown={"kill_after": kill_after})
+                new = None
+                try:
+                    old.wait_registered(queue)
+                    queue.enqueue(SPIN, [str(marker)])
+                    wait_until(lambda: len(read_marker(marker)) == 1, 30)
+                    new = Supervisor(url, workdir, "new", server={"concurrency": 1})
+                    new.wait_registered(queue)
+                    sent = clock()
+                    old.kill(signal.SIGTERM)
+                    wait_until(lambda: len(read_marker(marker)) == 2, 30)
+                    second = read_marker(marker)[1]
+                    restart.append((second[0] - sent) * 1000)
+                    overlaps += second[2]
+                    old.proc.wait(30)
+                    old_exit.append((clock() - sent) * 1000)
+                finally:
+                    old.destroy()
+                    if new:
+                        new.destroy()
+        yield {"measurement": "takeover", "db": kind, "kill_after": kill_after,
+               "job_running_again": summary(restart, "ms"), "old_supervisor_exit": summary(old_exit, "ms"),
+               "overlapping_runs": overlaps}
+
+
+# --- 3. crash recovery ----------------------------------------------------------------
+
+
+def crash_recovery(kind, workdir, runs=3, settings=None):
+    """kill -9 of the supervisor -> the job running on a surviving server."""
+    profiles = settings or {
+        "default (heartbeat 1s, dead_after 10s)": {"heartbeat_interval": "1s", "dead_after": "10s"},
+        "aggressive (heartbeat 200ms, dead_after 2s)": {"heartbeat_interval": "200ms", "dead_after": "2s"},
+    }
+    for label, server in profiles.items():
+        recovered = []
+        overlaps = 0
+        for run in range(runs):
+            url = fresh_database(kind, workdir)
+            marker = workdir / f"crash-{kind}-{len(label)}-{run}"
+            with Queue(url) as queue:
+                old = Supervisor(url, workdir, "old", server={**server, "concurrency": 1})
+                survivor = Supervisor(url, workdir, "survivor", server={**server, "concurrency": 1})
+                try:
+                    old.wait_registered(queue)
+                    survivor.wait_registered(queue)
+                    queue.enqueue(SPIN, [str(marker)])
+                    wait_until(lambda: len(read_marker(marker)) == 1, 30)
+                    if read_marker(marker)[0][1] not in [p.pid for p in psutil.Process(old.pid).children(recursive=True)]:
+                        old, survivor = survivor, old  # kill whichever runs it
+                    sent = clock()
+                    old.kill(signal.SIGKILL)
+                    wait_until(lambda: len(read_marker(marker)) == 2, 60, 0.01)
+                    second = read_marker(marker)[1]
+                    recovered.append(second[0] - sent)
+                    overlaps += second[2]
+                finally:
+                    old.destroy()
+                    survivor.destroy()
+        yield {"measurement": "crash_recovery", "db": kind, "settings": label,
+               "job_running_again": summary(recovered, "s"), "overlapping_runs": overlaps}
+
+
+# --- 4. throughput ---------------------------------------------------------------------
+
+
+def throughput(kind, workdir, n_jobs=2000, concurrencies=(2, 4), repeats=3, job="noop"):
+    """Jobs drained per second: enqueue first, then start the supervisor,
+    until all succeeded (worker start-up included, as for the peers)."""
+    target, args = ("benchmarks.bjobs:noop", []) if job == "noop" else ("benchmarks.bjobs:sleep_ms", [10])
+    for concurrency in concurrencies:
+        rates = []
+        for run in range(repeats):
+            url = fresh_database(kind, workdir)
+            with Queue(url) as queue:
+                queue.storage.enqueue(*(new_job(target, args) for _ in range(n_jobs)))
+                began = time.monotonic()
+                sup = Supervisor(url, workdir, f"t{concurrency}-{run}", server={"concurrency": concurrency})
+                try:
+                    wait_until(lambda: queue.counts().get("succeeded", 0) == n_jobs, 600, 0.05)
+                    rates.append(n_jobs / (time.monotonic() - began))
+                finally:
+                    sup.destroy()
+        rate = statistics.median(rates)
+        yield {"measurement": "throughput", "db": kind, "job": job, "concurrency": concurrency,
+               "jobs": n_jobs, "jobs_per_second": round(rate, 1),
+               "per_job_ms": round(1000 * concurrency / rate, 2), "runs": [round(r, 1) for r in rates]}
+
+
+# --- 5. scale -----------------------------------------------------------------------------
+
+
+def _add_finished(url, kind, count):
+    """Insert `count` succeeded jobs in bulk, by SQL."""
+    series = {
+        "postgresql": f"SELECT g FROM generate_series(1, {count}) AS g",
+        "mariadb": f"SELECT seq AS g FROM seq_1_to_{count}",
+        "sqlite": f"WITH RECURSIVE s(g) AS (SELECT 1 UNION ALL SELECT g + 1 FROM s WHERE g < {count}) SELECT g FROM s",
+    }[kind]
+    with Queue(url) as queue, queue.engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO shiftchange_jobs (queue, kind, target, args, kwargs, priority, state, run_at,"
+            " attempts, max_attempts, interruptions, max_interruptions, lease, created_at, finished_at)"
+            f" SELECT 'default', 'callable', 'app:f', '[]', '{{}}', 0, 'succeeded', 0, 1, 3, 0, 10, 1, 0, 0 FROM ({series}) AS t"
+        ))
+
+
+def _claim_latency_ms(url, samples=50):
+    with Queue(url) as queue:
+        sid = queue.storage.register_server(name="bench", host="bench", pid=1, pid_started_at=None,
+                                            queues=["default"], concurrency=1, dead_after=60)
+        timings = []
+        for _ in range(samples):
+            queue.enqueue("app:f")
+            began = time.perf_counter()
+            (job,) = queue.storage.claim(sid, ["default"], 1)
+            timings.append((time.perf_counter() - began) * 1000)
+            queue.storage.complete(job.id, job.lease, sid)
+        return statistics.median(timings)
+
+
+def claim_at_scale(kind, workdir, small=10_000, large=1_000_000):
+    result = {}
+    for size in (small, large):
+        url = fresh_database(kind, workdir)
+        _add_finished(url, kind, size)
+        result[size] = _claim_latency_ms(url)
+    yield {"measurement": "claim_latency_vs_finished_jobs", "db": kind,
+           f"claim_ms_with_{small}": round(result[small], 3), f"claim_ms_with_{large}": round(result[large], 3),
+           "ratio": round(result[large] / result[small], 2)}
+
+
+def _produce(url, count):
+    with Queue(url) as queue:
+        for _ in range(count):
+            queue.storage.enqueue(new_job("benchmarks.bjobs:noop"))
+
+
+def enqueue_rate(kind, workdir, producers=4, per_producer=1000):
+    url = fresh_database(kind, workdir)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_produce, args=(url, per_producer)) for _ in range(producers)]
+    began = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    seconds = time.monotonic() - began
+    yield {"measurement": "enqueue_rate", "db": kind, "producers": producers,
+           "jobs": producers * per_producer, "jobs_per_second": round(producers * per_producer / seconds, 1),
+           "note": "one job per transaction; process start-up included"}
+
+
+def idle_statements(kind, workdir, seconds=10.0):
+    """Database statements per second of an idle supervisor (default
+    settings), counted by a SQLAlchemy hook inside the supervisor."""
+    url = fresh_database(kind, workdir)
+    counts = workdir / "statements"
+    counts.unlink(missing_ok=True)
+    wrapper = [sys.executable, "-m", "benchmarks.count_statements", str(counts)]
+    with Queue(url) as queue:
+        sup = Supervisor(url, workdir, "idle", wrapper=wrapper)
+        try:
+            sup.wait_registered(queue)
+            time.sleep(2.0)  # past start-up; this is a measurement window, not synchronisation
+            window_start = clock()
+            time.sleep(seconds)
+            window_end = clock()
+            sup.kill(signal.SIGTERM)
+            sup.proc.wait(30)
+        finally:
+            sup.destroy()
+    stamps = [float(line) for line in counts.read_text().split()]
+    inside = [t for t in stamps if window_start <= t <= window_end]
+    yield {"measurement": "idle_statements_per_second", "db": kind,
+           "statements_per_second": round(len(inside) / seconds, 2),
+           "settings": "heartbeat 1s, poll 200ms"}
+
+
+# --- 6. footprint -------------------------------------------------------------------------
+
+
+def footprint(kind, workdir, seconds=5.0):
+    url = fresh_database(kind, workdir)
+    with Queue(url) as queue:
+        sup = Supervisor(url, workdir, "footprint", server={"concurrency": 1})
+        try:
+            sup.wait_registered(queue)
+            proc = psutil.Process(sup.pid)
+            proc.cpu_percent(None)
+            time.sleep(seconds)  # measurement window
+            cpu = proc.cpu_percent(None)
+            idle_rss = proc.memory_info().rss
+            queue.enqueue("benchmarks.bjobs:sleep_ms", [60_000])
+            wait_until(lambda: len(proc.children(recursive=True)) >= 2, 30, 0.01)
+            child, job = proc.children(recursive=True)[:2]
+            child_mem, job_mem = child.memory_full_info(), job.memory_full_info()
+        finally:
+            sup.destroy()
+    mib = 2**20
+    yield {"measurement": "footprint", "db": kind, "idle_supervisor_cpu_percent": round(cpu, 2),
+           "idle_supervisor_rss_mib": round(idle_rss / mib, 1),
+           "child_rss_mib": round(child_mem.rss / mib, 1), "child_uss_mib": round(child_mem.uss / mib, 1),
+           "job_process_rss_mib": round(job_mem.rss / mib, 1), "job_process_uss_mib": round(job_mem.uss / mib, 1)}

@@ -109,8 +109,7 @@ def _set_up_sqlite(engine: Engine) -> None:
     def on_connect(dbapi_connection, _record):
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA synchronous=FULL")  # a commit survives power loss too
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         cursor.close()
 
@@ -118,6 +117,17 @@ def _set_up_sqlite(engine: Engine) -> None:
     def on_begin(conn):
         mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+    # WAL is a property of the file, kept once set: no need to pay for the
+    # pragma on every connection.
+    try:
+        raw = engine.raw_connection()  # outside any transaction, as it must be
+        try:
+            raw.cursor().execute("PRAGMA journal_mode=WAL")
+        finally:
+            raw.close()
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from None
 
 
 def unavailable(engine_or_url, exc: BaseException) -> StorageUnavailable:

@@ -203,6 +203,8 @@ def test_a_run_that_lost_its_job_can_write_nothing(queue, how):
         queue.storage.reap()
     else:
         queue.requeue(old.id)
+        with queue.engine.begin() as conn:  # its hold (the server's dead_after) ends
+            conn.execute(update(jobs).values(run_at=jobs.c.run_at - 100))
     new_server = register(queue, "s2")
     new = claim_one(queue, new_server)
     assert new.id == old.id and new.lease > old.lease

@@ -171,9 +171,6 @@ class Procs:
         tag = f"{self.run_id}:{name}"
         return pids_with_tag(lambda t: t == tag)
 
-    def main_alive(self, name: str) -> bool:
-        return self.mains[name].poll() is None
-
     def kill_tree(self, name: str) -> int:
         """SIGKILL every process of worker ``name``; return how many were still alive."""
         pids = self.tree(name)
@@ -286,6 +283,8 @@ def terminate_then_kill(procs: Procs, name: str, grace_s: float) -> bool:
 def disruption(peer: Peer, scenario: str, grace_s: float, observe_s: float,
                job_seconds: float = BUSY_JOB_SECONDS) -> dict:
     """takeover (SIGTERM + grace + SIGKILL tree) or crash (SIGKILL of A's main process alone)."""
+    if scenario not in ("takeover", "crash"):
+        raise ValueError(f"unknown scenario {scenario!r}")
 
     def body(procs: Procs, workdir: str) -> dict:
         marker = os.path.join(workdir, "starts.jsonl")
@@ -296,21 +295,15 @@ def disruption(peer: Peer, scenario: str, grace_s: float, observe_s: float,
         # Rolling deploy: the replacement B is up and consuming before A is stopped.
         start_worker(peer, procs, "B", 2)
         t_disrupt, m_disrupt = time.time(), time.monotonic()
-        extra: dict = {}
-        if scenario == "takeover":
-            extra["sigkill_needed"] = terminate_then_kill(procs, "A", grace_s)
-        else:
-            os.kill(procs.mains["A"].pid, signal.SIGKILL)
-            procs.mains["A"].wait(timeout=5)
-            extra["a_children_alive_after_kill"] = len(procs.tree("A"))
+        extra = _stop_a(procs, scenario, grace_s)
         # The window counts from the SIGTERM/SIGKILL ("within observe_s of the deploy or crash").
         window = max(0.0, observe_s - (time.monotonic() - m_disrupt))
         restarted = wait_until(lambda: len(read_starts(marker)) >= 2, window, interval_s=0.05)
-        observed = time.monotonic() - m_disrupt
+        observed_s = time.monotonic() - m_disrupt
         state, detail = peer.job_state(handle)
-        starts = read_starts(marker)
         if scenario == "crash":
             extra["a_children_alive_at_end"] = len(procs.tree("A"))
+        starts = read_starts(marker)
         return {
             "peer": peer.name, "peer_version": peer.version, "scenario": scenario,
             "restarted": restarted,
@@ -318,12 +311,21 @@ def disruption(peer: Peer, scenario: str, grace_s: float, observe_s: float,
             "restarted_on": _worker_name(starts[1]) if restarted else None,
             "first_run_on": _worker_name(starts[0]),
             "job_state_after": state, "job_detail_after": detail,
-            "observed_s": round(observed, 3), "observe_s": observe_s,
-            "grace_s": grace_s if scenario == "takeover" else None,
-            "job_seconds": job_seconds, **extra,
+            "observed_s": round(observed_s, 3), "observe_s": observe_s,
+            "grace_s": grace_s if scenario == "takeover" else None, "job_seconds": job_seconds, **extra,
         }
 
     return _run(peer, body)
+
+
+def _stop_a(procs: Procs, scenario: str, grace_s: float) -> dict:
+    """Disrupt worker A; return scenario-specific facts for the result."""
+    if scenario == "takeover":
+        return {"sigkill_needed": terminate_then_kill(procs, "A", grace_s)}
+    os.kill(procs.mains["A"].pid, signal.SIGKILL)
+    procs.mains["A"].wait(timeout=5)
+    # Children that outlive their main process (RQ's work horse does) keep running the job.
+    return {"a_children_alive_after_kill": len(procs.tree("A"))}
 
 
 def _worker_name(start: dict) -> str:

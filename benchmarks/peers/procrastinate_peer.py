@@ -28,6 +28,21 @@ def make_app(schema: str) -> procrastinate.App:
     return app
 
 
+def _drop_schema(schema: str) -> None:
+    """Drop the run's schema over a fresh connection, retrying briefly (PostgreSQL may be restarting)."""
+
+    def attempt() -> bool:
+        try:
+            with psycopg.connect(common.PG_DSN, autocommit=True, connect_timeout=5) as conn:
+                conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            return True
+        except psycopg.OperationalError:
+            return False
+
+    if not common.wait_until(attempt, 30.0, interval_s=1.0):
+        raise RuntimeError(f"could not drop schema {schema!r}; drop it by hand")
+
+
 worker_app = make_app(os.environ.get("SCBENCH_RUN_ID", "public"))
 
 
@@ -49,8 +64,8 @@ class ProcrastinatePeer:
         if hasattr(self, "app"):
             self.app.close()
         if hasattr(self, "conn"):
-            self.conn.execute(f'DROP SCHEMA IF EXISTS "{self.run_id}" CASCADE')
             self.conn.close()
+            _drop_schema(self.run_id)
 
     def worker_env(self) -> dict[str, str]:
         return {"SCBENCH_RUN_ID": self.run_id}

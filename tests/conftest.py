@@ -126,8 +126,8 @@ def supervisors(tmp_path):
 
     started = []
 
-    def start(url, name="s1", **settings):
-        sup = Supervisor(url, tmp_path, name, **settings).start()
+    def start(url, name="s1", prefix=(), env=None, **settings):
+        sup = Supervisor(url, tmp_path, name, prefix=prefix, env=env, **settings).start()
         started.append(sup)
         return sup
 

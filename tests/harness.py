@@ -43,8 +43,10 @@ def merge(base: dict, extra: dict) -> dict:
 class Supervisor:
     """One `python -m supervisor run` process in its own session."""
 
-    def __init__(self, url: str, workdir: Path, name: str, **settings):
+    def __init__(self, url: str, workdir: Path, name: str, prefix=(), env=None, **settings):
         self.name = name
+        self.prefix = list(prefix)  # e.g. ["unshare", "--pid", "--fork"]
+        self.extra_env = env or {}
         self.workdir = workdir
         self.config_path = workdir / f"{name}.yaml"
         config = merge(FAST, settings)
@@ -57,8 +59,10 @@ class Supervisor:
     def start(self) -> "Supervisor":
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
         env.pop("NOTIFY_SOCKET", None)
+        env.update(self.extra_env)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "run", "--config", str(self.config_path), "--name", self.name],
+            [*self.prefix, sys.executable, "-m", "supervisor", "run", "--config", str(self.config_path),
+             "--name", self.name],
             stdout=open(self.log_path.with_suffix(".out"), "w"),
             stderr=open(self.log_path, "w"),
             env=env,

@@ -15,7 +15,7 @@ import yaml
 from sqlalchemy import create_engine, text
 
 from supervisor import Queue
-from supervisor.database import _driver_url, make_engine
+from supervisor.database import _driver_url
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_URLS = {

@@ -10,16 +10,14 @@ import signal
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import psutil
-from sqlalchemy import insert, select, func, text
+from sqlalchemy import text
 
 from benchmarks.procs import Supervisor, fresh_database, read_marker, summary, wait_until
 from supervisor import Queue
 from supervisor.processes import clock
 from supervisor.storage import new_job
-from supervisor.tables import jobs
 
 SPIN = "benchmarks.bjobs:spin"
 

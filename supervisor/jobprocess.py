@@ -17,7 +17,6 @@ Messages to the supervisor are JSON lines on the results pipe.
 The lifeline carries `S` (stop notice) and `R<deadline>` (renewal) lines.
 """
 
-import errno
 import json
 import os
 import select

@@ -109,6 +109,16 @@ def e2e_db_url(request, tmp_path):
 
 
 @pytest.fixture
+def queue(e2e_db_url):
+    """A Queue on e2e_db_url (storage tests override this with all three
+    databases)."""
+    from supervisor import Queue
+
+    with Queue(e2e_db_url) as q:
+        yield q
+
+
+@pytest.fixture
 def sqlite_url(tmp_path):
     return database_url("sqlite", tmp_path)
 

@@ -15,12 +15,6 @@ from supervisor.storage import Storage
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def queue(e2e_db_url):
-    with Queue(e2e_db_url) as q:
-        yield q
-
-
 def steps_run(records, job_id):
     """[(step, pid)] in the order the job's runs did them."""
     return [tuple(map(int, line.split())) for line in read_lines(records / f"job-{job_id}.steps")]

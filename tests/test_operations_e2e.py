@@ -12,15 +12,8 @@ import psutil
 import pytest
 
 from harness import read_lines, wait_for
-from supervisor import Queue
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def queue(e2e_db_url):
-    with Queue(e2e_db_url) as q:
-        yield q
 
 
 def runs(records, job_id):

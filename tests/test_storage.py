@@ -5,7 +5,7 @@ import multiprocessing
 import time
 
 import pytest
-from sqlalchemy import insert, select, update
+from sqlalchemy import select, update
 
 from supervisor import Queue
 from supervisor.errors import InvalidJob, JobNotFound, StorageUnavailable
@@ -261,7 +261,7 @@ def test_release_leaves_a_job_that_changed_meanwhile_alone(queue):
 
 
 def test_past_max_interruptions_a_job_fails_as_poison(queue):
-    sid = register(queue)
+    register(queue)
     queue.enqueue("app:f", max_interruptions=1)
     for n in range(2):
         server = register(queue, f"s{n}")

@@ -30,7 +30,7 @@ def mask_url(url) -> str:
     """The URL with any password replaced by ***, safe for logs and output."""
     try:
         return make_url(str(url)).render_as_string(hide_password=True)
-    except ArgumentError:
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
 
 

@@ -34,18 +34,29 @@ def choose_servers(storage: Storage, wanted: list[str] | None):
 def hand_off(storage: Storage, wanted: list[str] | None, timeout: float) -> list[dict]:
     reports = []
     chosen = choose_servers(storage, wanted)
+    if not chosen:
+        return reports
     reason = f"`shiftchange handoff` from {socket.gethostname()} (pid {os.getpid()})"
+    # One transaction for all of them; held for the longest dead_after.
+    taken = storage.handoff([s.id for s in chosen], max(s.dead_after for s in chosen), reason)
     for server in chosen:
-        held = storage.handoff(server.id, server.dead_after, reason)
+        held = [job for job in taken if job.server == server.id]
         report = {"id": server.id, "name": server.name, "host": server.host,
                   "jobs": [job.id for job in held if not job.failed],
                   "failed": [job.id for job in held if job.failed]}
-        if server.host == socket.gethostname() and is_same_process(server.pid, server.pid_started_at):
+        local = server.host == socket.gethostname()
+        identity = is_same_process(server.pid, server.pid_started_at) if local else None
+        if identity:
             report["supervisor"] = stop_local_supervisor(server.pid, timeout)
             storage.release_handoff(server.id, held)
-        elif server.host == socket.gethostname():
+        elif identity is False:
             report["supervisor"] = f"pid {server.pid} is not running"
             storage.release_handoff(server.id, held)
+        elif local:  # a live pid we cannot prove is that server: never signal it
+            report["supervisor"] = (
+                f"pid {server.pid} cannot be proven to be this server (no start time): not "
+                f"signalled; the jobs are held for {server.dead_after:g}s"
+            )
         else:
             report["supervisor"] = (
                 f"on host {server.host}: it stops at its next heartbeat; "
@@ -64,12 +75,18 @@ def stop_local_supervisor(pid: int, timeout: float) -> str:
     except psutil.NoSuchProcess:
         return f"pid {pid} had already exited"
     began = clock()
-    supervisor.send_signal(signal.SIGTERM)
-    supervisor.send_signal(signal.SIGCONT)  # a frozen one must wake to exit
+    try:
+        supervisor.send_signal(signal.SIGTERM)
+        supervisor.send_signal(signal.SIGCONT)  # a frozen one must wake to exit
+    except psutil.NoSuchProcess:
+        pass  # it exited (and was reaped) at once
     _, alive = psutil.wait_procs([supervisor], timeout=timeout)
     how = "exited"
     if alive:
-        supervisor.kill()
+        try:
+            supervisor.kill()
+        except psutil.NoSuchProcess:
+            pass
         how = f"did not exit within {timeout:g}s: killed"
     _, left = psutil.wait_procs(tree, timeout=10)
     for proc in left:  # children die with their supervisor; make sure

@@ -162,7 +162,7 @@ class Supervisor:
         now instead of after dead_after. One we cannot prove dead is left
         to the heartbeat check."""
         for old in self.storage.servers(states=LIVE_SERVER_STATES, host=socket.gethostname()):
-            if old.name != self.config.server.name or is_same_process(old.pid, old.pid_started_at):
+            if old.name != self.config.server.name or is_same_process(old.pid, old.pid_started_at) is not False:
                 continue
             taken = self.storage.reap_server(
                 old.id, f"previous incarnation {old.id} of {old.name} (pid {old.pid}) is gone"
@@ -267,6 +267,15 @@ class Supervisor:
     def _finish(self, child: RunningJob) -> None:
         kind, error = child.outcome(stopping=self.stop_signal is not None)
         seconds = clock() - child.started
+        fenced = child._message("fenced")
+        if fenced and not self.dropping and not child.lease_lost:
+            # The child killed the job because its deadline passed, yet no
+            # heartbeat of ours failed: this loop was late renewing it (a
+            # storage call blocked, CPU starvation). Our server may still hold
+            # the lease, and then nobody else would ever requeue the job. Give
+            # it back, fenced by the lease (a stale write if we were reaped
+            # meanwhile); its processes are dead: the child reaped them all.
+            kind, error = "handoff", f"its child stopped it: {fenced.get('reason')}"
         if self.dropping or kind == "dropped":
             event("job %d: outcome '%s' after %.2fs dropped: this run no longer owns the job",
                   child.job.id, kind, seconds, event="dropped", job=child.job.id)
@@ -352,7 +361,7 @@ class Supervisor:
         if self.beat_failing_since is None:
             self.beat_failing_since = clock()
             event("cannot heartbeat: %s; children stop in %.1fs unless it recovers",
-                  exc, self.fence_deadline() - clock(), level=logging.WARNING, event="db_unreachable")
+                  exc, max(0.0, self.fence_deadline() - clock()), level=logging.WARNING, event="db_unreachable")
         if not self.fenced and clock() >= self.fence_deadline():
             event("no heartbeat for too long: killing all children (another server may take their jobs)",
                   level=logging.ERROR, event="fenced")

@@ -71,12 +71,16 @@ def start_time(pid: int) -> float | None:
         return None
 
 
-def is_same_process(pid: int, started_at: float | None) -> bool:
-    """True when `pid` is alive and is the process that started at
-    `started_at` (not a later process that was given the recycled pid)."""
+def is_same_process(pid: int, started_at: float | None) -> bool | None:
+    """Is `pid` still the process that started at `started_at`? True: alive
+    and the same (safe to signal). False: provably gone (no such process, or
+    the pid now belongs to a later process). None: alive but nothing to
+    compare with, so neither can be proven."""
     now_started = start_time(pid)
-    if now_started is None or started_at is None:
-        return now_started is not None and started_at is None
+    if now_started is None:
+        return False
+    if started_at is None:
+        return None
     return abs(now_started - started_at) < 0.05
 
 

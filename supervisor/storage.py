@@ -125,6 +125,7 @@ class Requeued:
     id: int
     lease: int
     failed: bool  # True when it was past max_interruptions and failed instead
+    server: str | None = None  # the server it was taken from
 
 
 # --- the verbs -----------------------------------------------------------------
@@ -402,7 +403,7 @@ class Storage:
             )
         ).all()
         taken = [
-            Requeued(row.id, row.lease + 1, row.interruptions + 1 > row.max_interruptions)
+            Requeued(row.id, row.lease + 1, row.interruptions + 1 > row.max_interruptions, row.server_id)
             for row in rows
         ]
         requeue = [job.id for job in taken if not job.failed]

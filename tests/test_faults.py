@@ -21,10 +21,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from harness import read_lines, wait_for
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
-from harness import read_lines, wait_for
 from supervisor import Queue
 from supervisor.cli import app
 from supervisor.database import head_revision, make_engine, upgrade
@@ -342,7 +342,7 @@ def test_unicode_and_sql_looking_args_arrive_intact_in_the_job(queue, e2e_db_url
     assert ran.returncode == 0, ran.stderr
     through_cli = int(ran.stdout)
     for job_id, name, sent in ((through_api.id, "api.json", args), (through_cli, "cli.json", small)):
-        wait_for(lambda: queue.get(job_id).state in ("succeeded", "failed"), what=f"job {job_id}")
+        wait_for(lambda job_id=job_id: queue.get(job_id).state in ("succeeded", "failed"), what=f"job {job_id}")
         assert queue.get(job_id).state == "succeeded", queue.get(job_id).error
         got = json.loads((records / name).read_text(encoding="utf-8"))
         assert got == {"job": job_id, "args": sent, "kwargs": kwargs}

@@ -20,10 +20,10 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from sqlalchemy import inspect, insert
+from harness import wait_for
+from sqlalchemy import insert, inspect
 from sqlalchemy.engine import make_url
 
-from harness import wait_for
 from supervisor import Queue
 from supervisor.processes import start_time
 from supervisor.tables import jobs
@@ -102,11 +102,11 @@ def test_rows_written_straight_into_the_table_run_only_allowed_targets(e2e_db_ur
         allowed_command = insert_row(queue.engine, "true", kind="command")
         allowed_call = insert_row(queue.engine, "faultjobs:record_args", [str(marks / "allowed.json"), 1])
         for job_id, words in refused.items():
-            wait_for(lambda: queue.get(job_id).state in ("failed", "succeeded"), what=f"job {job_id} to end")
+            wait_for(lambda job_id=job_id: queue.get(job_id).state in ("failed", "succeeded"), what=f"job {job_id} to end")
             job = queue.get(job_id)
             assert job.state == "failed" and words in job.error, (job.target, job.error)
         for job_id in (allowed_command, allowed_call):  # the same path does run what is allowed
-            wait_for(lambda: queue.get(job_id).state == "succeeded", what=f"allowed job {job_id}")
+            wait_for(lambda job_id=job_id: queue.get(job_id).state == "succeeded", what=f"allowed job {job_id}")
         assert sorted(os.listdir(marks)) == ["allowed.json"]  # nothing else ran or was imported
         assert "shiftchange_jobs" in inspect(queue.engine).get_table_names()
         assert sup.proc.poll() is None
@@ -146,7 +146,7 @@ def test_database_passwords_never_appear_in_output_errors_or_tracebacks(tmp_path
         cases += [(kind, source, log_format, command, work, env) for command in commands]
 
     def run(case):
-        kind, source, log_format, command, work, env = case
+        _, _, _, command, work, env = case
         return case, shiftchange(*command, cwd=work, env=env, timeout=60)
 
     with ThreadPoolExecutor(max_workers=6) as pool:

@@ -62,8 +62,10 @@ def _connect_args(dialect: str) -> dict:
     return {}
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for `url`, or ConfigError saying plainly what is wrong."""
+def make_engine(url: str, pre_ping: bool = False) -> Engine:
+    """An engine for `url`, or ConfigError saying plainly what is wrong.
+    `pre_ping` checks a pooled connection before use, so a long-lived
+    producer survives a database restart without a failed call."""
     try:
         parsed = _driver_url(url)
         dialect = parsed.get_dialect().name
@@ -72,7 +74,7 @@ def make_engine(url: str) -> Engine:
         # process forked while the supervisor holds a connection fails with
         # "locking protocol". No pool means no connection is open between
         # transactions, so none is ever open at a fork.
-        pooling = {"poolclass": NullPool} if dialect == "sqlite" else {}
+        pooling = {"poolclass": NullPool} if dialect == "sqlite" else {"pool_pre_ping": pre_ping}
         engine = create_engine(parsed, connect_args=_connect_args(dialect), **pooling)
     except (ArgumentError, ValueError) as exc:
         raise ConfigError(f"database.url {mask_url(url)!r} is not a database URL: {exc}") from None

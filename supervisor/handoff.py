@@ -14,11 +14,14 @@ deploy scripts, even when a supervisor is frozen or unresponsive.
 import os
 import signal
 import socket
+import time
 
 import psutil
 
 from supervisor.processes import clock, is_same_process
 from supervisor.storage import LIVE_SERVER_STATES, Storage
+
+KILL_WAIT_S = 5.0  # for SIGKILLed processes to be gone
 
 
 def choose_servers(storage: Storage, wanted: list[str] | None):
@@ -75,24 +78,40 @@ def stop_local_supervisor(pid: int, timeout: float) -> str:
     except psutil.NoSuchProcess:
         return f"pid {pid} had already exited"
     began = clock()
-    try:
-        supervisor.send_signal(signal.SIGTERM)
-        supervisor.send_signal(signal.SIGCONT)  # a frozen one must wake to exit
-    except psutil.NoSuchProcess:
-        pass  # it exited (and was reaped) at once
-    _, alive = psutil.wait_procs([supervisor], timeout=timeout)
+    _signal(supervisor, signal.SIGTERM)
+    _signal(supervisor, signal.SIGCONT)  # a frozen one must wake to exit
     how = "exited"
-    if alive:
-        try:
-            supervisor.kill()
-        except psutil.NoSuchProcess:
-            pass
+    if not _wait_gone([supervisor], timeout):
+        _signal(supervisor, signal.SIGKILL)
         how = f"did not exit within {timeout:g}s: killed"
-    _, left = psutil.wait_procs(tree, timeout=10)
-    for proc in left:  # children die with their supervisor; make sure
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(left, timeout=5)
+    if not _wait_gone(tree, KILL_WAIT_S):
+        for proc in tree:  # children die with their supervisor; make sure
+            _signal(proc, signal.SIGKILL)
+        _wait_gone(tree, KILL_WAIT_S)
     return f"supervisor pid {pid} {how} after {clock() - began:.2f}s"
+
+
+def _signal(proc: psutil.Process, sig) -> None:
+    try:
+        proc.send_signal(sig)  # psutil checks the pid still is this process
+    except psutil.NoSuchProcess:
+        pass
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> bool:
+    """Wait until every process has exited; a zombie has exited (its parent,
+    not us, will reap it). True if they all did within `timeout`."""
+    deadline = clock() + timeout
+    while True:
+        if not any(_running(proc) for proc in procs):
+            return True
+        if clock() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

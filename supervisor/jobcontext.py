@@ -1,11 +1,16 @@
 """What job code sees of shiftchange: `from supervisor import current_job`."""
 
 import threading
+import time
 
-from supervisor.errors import LeaseLost, NotInJob
+from supervisor.errors import LeaseLost, NotInJob, StorageUnavailable
 from supervisor.storage import to_json
 
 _current = None
+# How long checkpoint() retries a database it cannot reach (a restart, a
+# failover) before the error reaches job code. Retrying cannot outlive the
+# lease: a supervisor that cannot heartbeat has the job killed by its child.
+CHECKPOINT_RETRY_S = 30.0
 
 
 class JobContext:
@@ -33,12 +38,26 @@ class JobContext:
             raise TypeError(str(exc)) from None
         if self._storage is None:
             self._storage = self._open_storage()
-        if not self._storage.checkpoint(self.id, self._lease, self._server_id, text):
+        if not self._save(text):
             raise LeaseLost(
                 f"job {self.id} was taken from this run (handed off or reaped); "
                 "its checkpoint was not saved"
             )
         self.checkpoint_data = data
+
+    def _save(self, text: str) -> bool:
+        """The lease-fenced write, retried while the database is briefly
+        unreachable: a blip is an interruption, not the job's failure. The
+        write is idempotent (same data, same lease)."""
+        delay, give_up = 0.1, time.monotonic() + CHECKPOINT_RETRY_S
+        while True:
+            try:
+                return self._storage.checkpoint(self.id, self._lease, self._server_id, text)
+            except StorageUnavailable:
+                if time.monotonic() + delay > give_up:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
 
     @property
     def stopping(self) -> bool:

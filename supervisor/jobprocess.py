@@ -27,7 +27,7 @@ import traceback
 from dataclasses import dataclass
 
 from supervisor import jobcontext
-from supervisor.errors import HandOff, LeaseLost
+from supervisor.errors import HandOff, LeaseLost, StorageUnavailable
 from supervisor.processes import (
     become_subreaper,
     clock,
@@ -93,7 +93,9 @@ class Child:
         self.job_pid = None
         self.job_status = None
         self.stop_noticed = False
-        self.inbox = b""
+        self.inbox = b""  # partial lifeline line
+        self.checkpoint_lines = b""  # partial checkpoint line from a command
+        self.storage = None  # opened on a command's first checkpoint
 
     def run(self) -> int:
         os.setsid()  # leader of a new session and process group
@@ -188,8 +190,8 @@ class Child:
         data = os.read(self.notice, 1 << 20)
         if not data:
             return False
-        self.checkpoint_buffer = getattr(self, "checkpoint_buffer", b"") + data
-        *lines, self.checkpoint_buffer = self.checkpoint_buffer.split(b"\n")
+        self.checkpoint_lines += data
+        *lines, self.checkpoint_lines = self.checkpoint_lines.split(b"\n")
         for line in filter(None, (line.strip() for line in lines)):
             self._save_checkpoint(line)
         return True
@@ -203,9 +205,16 @@ class Child:
                  error=f"checkpoint written to fd {CHECKPOINT_FD} is not JSON: {line[:200]!r}")
             _signal(self.job_pid, signal.SIGKILL)
             return
-        if not hasattr(self, "storage"):
+        if self.storage is None:
             self.storage = open_storage(self.assignment.database_url)
-        if not self.storage.checkpoint(job.id, job.lease, self.assignment.server_id, line.decode()):
+        try:
+            saved = self.storage.checkpoint(job.id, job.lease, self.assignment.server_id, line.decode())
+        except StorageUnavailable as exc:
+            # Skipped, not fatal: the command goes on and its next line may
+            # land. If the outage outlasts the lease, the deadline stops it.
+            print(f"shiftchange: job {job.id}: checkpoint not saved: {exc}", file=sys.stderr, flush=True)
+            return
+        if not saved:
             send(self.results, event="result", outcome="lease_lost", error="checkpoint refused: lease lost")
             _signal(self.job_pid, signal.SIGKILL)
 

@@ -205,8 +205,8 @@ class Supervisor:
     def claim(self) -> None:
         free = self.config.server.concurrency - len(self.running)
         self.next_claim = clock() + self.config.server.poll_interval
-        if free <= 0:
-            return
+        if free <= 0 or clock() > self.fence_deadline() - self.config.server.heartbeat_interval:
+            return  # a job started now would be fenced before the next heartbeat
         try:
             jobs = self.storage.claim(self.server_id, self.config.server.queues, free)
         except StorageUnavailable as exc:

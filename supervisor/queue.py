@@ -18,7 +18,7 @@ class Queue:
 
     def __init__(self, url: str, *, defaults: Config | None = None):
         self.config = defaults or Config()
-        self.engine = make_engine(url)
+        self.engine = make_engine(url, pre_ping=True)
         ensure_schema(self.engine)
         self.storage = Storage(self.engine)
 

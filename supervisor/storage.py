@@ -264,6 +264,8 @@ class Storage:
         lease token and one more attempt. No job goes to two claimers: other
         databases skip rows locked by a concurrent claim, SQLite has one
         writer at a time."""
+        if not self.locks_rows and not self._anything_due(queues):
+            return []  # SQLite: do not take the write lock to find nothing
         with self._write() as conn:
             state = conn.execute(
                 self._for_update(select(servers.c.state).where(servers.c.id == server_id), read=True)
@@ -308,6 +310,14 @@ class Storage:
                 ],
             )
             return claimed
+
+    def _anything_due(self, queues) -> bool:
+        with self._read() as conn:
+            return conn.execute(
+                select(jobs.c.id).where(
+                    jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), jobs.c.run_at <= db_now()
+                ).limit(1)
+            ).first() is not None
 
     def _fenced(self, job_id: int, lease: int):
         """The row of a job still processing under this lease."""

@@ -18,6 +18,7 @@ from sqlalchemy import create_engine, inspect, text
 from supervisor.database import make_engine
 
 TESTS = Path(__file__).parent
+REPO_ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
 BASE_URLS = {

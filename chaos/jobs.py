@@ -1,0 +1,172 @@
+"""Job functions for the chaos and load runs (run by the supervisors' job
+processes). Only the standard library is imported at module level: the load
+run imports this module once per job.
+
+Every chaos job records its run in `<records>/job-<id>` as JSON lines:
+
+    {"ev": "start", "pid": P, "ct": create_time, "t": clock, "attempt": A}
+    {"ev": "proc", "pid": G, "ct": create_time}          (a grandchild)
+    {"ev": "end", "pid": P, "t": clock, "how": "returned" | "raised"}
+
+A run killed by a signal writes no "end". So that two runs alive at once are
+caught even then, each run checks at its start, under a lock on that file,
+that no process recorded by an earlier run of the same job is still alive
+(same pid AND same start time, so a recycled pid is not mistaken for it);
+if one is, it appends a line to `<records>/overlaps`.
+"""
+
+import fcntl
+import json
+import os
+import signal
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+FAIL_MARK = "designed to fail"
+
+
+def clock() -> float:
+    """CLOCK_BOOTTIME: one clock for every process of this host."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
+@contextmanager
+def _locked(path: Path):
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when closed, or when we die
+        f.seek(0)
+        yield f
+
+
+def _append(path: Path, record: dict) -> None:
+    with _locked(path) as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _identity(pid: int) -> float | None:
+    """The process's start time, None if it is gone or a zombie."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None
+        return proc.create_time()
+    except psutil.NoSuchProcess:
+        return None
+
+
+def read_records(path: Path) -> list[dict]:
+    """A job's records; a line cut short by SIGKILL is skipped."""
+    out = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
+
+
+@contextmanager
+def recorded_run(records: str):
+    """Record this run's start (after checking no earlier run is alive) and
+    its end; yields the job context."""
+    from supervisor import current_job
+
+    job = current_job()
+    path = Path(records) / f"job-{job.id}"
+    me = os.getpid()
+    with _locked(path) as f:
+        earlier = [json.loads(line) for line in f.read().splitlines() if line.startswith("{")]
+        alive = [r["pid"] for r in earlier if "ct" in r and _identity(r["pid"]) == r["ct"]]
+        if alive:
+            _append(Path(records) / "overlaps",
+                    {"job": job.id, "pid": me, "t": clock(), "alive": alive})
+        f.write(json.dumps({"ev": "start", "pid": me, "ct": _identity(me), "t": clock(),
+                            "attempt": job.attempt, "interruptions": job.interruptions}) + "\n")
+    try:
+        yield job
+    except BaseException:
+        _append(path, {"ev": "end", "pid": me, "t": clock(), "how": "raised"})
+        raise
+    _append(path, {"ev": "end", "pid": me, "t": clock(), "how": "returned"})
+
+
+def _burn(seconds: float) -> None:
+    end = clock() + seconds
+    while clock() < end:
+        sum(range(2000))
+
+
+# --- the chaos mix -------------------------------------------------------------
+
+
+def sleeper(records, seconds):
+    """Plain I/O-bound work."""
+    with recorded_run(records):
+        time.sleep(seconds)
+
+
+def cpu(records, seconds):
+    """CPU-bound and deaf to SIGTERM, like code pinned at 100%."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with recorded_run(records):
+        _burn(seconds)
+
+
+def steps(records, count, step_seconds):
+    """Works in steps, checkpointing after each, resuming from the last
+    checkpoint. LeaseLost from checkpoint() is let through: the run is over."""
+    with recorded_run(records) as job:
+        done = (job.checkpoint_data or {"step": 0})["step"]
+        for step in range(done + 1, count + 1):
+            time.sleep(step_seconds)
+            job.checkpoint({"step": step, "pid": os.getpid()})
+
+
+def grandchild(records, seconds):
+    """Starts a grandchild that leaves the process group (setsid, double
+    fork), ignores SIGTERM and never ends by itself; then works."""
+    with recorded_run(records) as job:
+        path = Path(records) / f"job-{job.id}"
+        ready_r, ready_w = os.pipe()  # the grandchild is recorded before we go on
+        middle = os.fork()
+        if middle == 0:
+            os.setsid()
+            if os.fork() == 0:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                me = os.getpid()
+                _append(path, {"ev": "proc", "pid": me, "ct": _identity(me)})
+                os.write(ready_w, b"x")
+                while True:
+                    time.sleep(1)
+            os._exit(0)
+        os.close(ready_w)
+        os.waitpid(middle, 0)
+        os.read(ready_r, 1)  # EOF instead if the grandchild died first
+        os.close(ready_r)
+        _burn(seconds)
+
+
+def fail_first(records, seconds):
+    """Fails its first attempt, succeeds after."""
+    with recorded_run(records) as job:
+        time.sleep(seconds)
+        if job.attempt == 1:
+            raise RuntimeError(f"first attempt fails on purpose (job {job.id})")
+
+
+def always_fail(records, seconds):
+    """Fails every attempt: must end `failed` after max_attempts."""
+    with recorded_run(records) as job:
+        time.sleep(seconds)
+        raise RuntimeError(f"{FAIL_MARK} (job {job.id}, attempt {job.attempt})")
+
+
+# --- the load run ----------------------------------------------------------------
+
+
+def noop(producer, n):
+    """Nothing to do: the load run measures the queue, not the job."""

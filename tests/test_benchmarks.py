@@ -1,0 +1,27 @@
+"""The benchmarks' quick mode runs in CI so they cannot rot. Timings are
+not asserted here: they belong in docs/benchmarks.md."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_the_quick_benchmarks_run_and_print_one_json_line_per_measurement():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "run", "--quick", "--db", "sqlite,postgresql"],
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    measured = {(r["measurement"], r["db"]) for r in results}
+    for db in ("sqlite", "postgresql"):
+        for name in ("handoff_commit", "takeover", "crash_recovery", "throughput",
+                     "claim_latency_vs_finished_jobs", "enqueue_rate", "idle_statements_per_second", "footprint"):
+            assert (name, db) in measured
+    assert all(r["overlapping_runs"] == 0 for r in results if "overlapping_runs" in r)

@@ -177,14 +177,10 @@ def status(config: ConfigOption = None, json_: JsonOption = False):
     from rich.console import Console
     from rich.table import Table
 
-    from supervisor.records import JOB_STATES
-
     q = open_queue(config)
     servers = q.servers()
     # Every state is always listed, with 0 when no job is in it.
-    totals = q.counts()
-    counts = {state: totals.get(state, 0) for state in JOB_STATES}
-    queues = q.queue_counts()
+    counts, queues = q.counts(), q.queue_counts()
     if json_:
         print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues})
         return

@@ -4,7 +4,7 @@ from datetime import datetime
 
 from supervisor.config import Config, load_config
 from supervisor.database import ensure_schema, make_engine
-from supervisor.records import Job, Server
+from supervisor.records import JOB_STATES, Job, Server
 from supervisor.storage import Storage, new_job
 
 
@@ -76,11 +76,11 @@ class Queue:
         return self.storage.servers()
 
     def counts(self) -> dict[str, int]:
-        """Job counts by state, over all queues."""
-        totals: dict[str, int] = {}
+        """Job counts by state over all queues, every state listed."""
+        totals = dict.fromkeys(JOB_STATES, 0)
         for by_state in self.storage.counts().values():
             for state, count in by_state.items():
-                totals[state] = totals.get(state, 0) + count
+                totals[state] += count
         return totals
 
     def queue_counts(self) -> dict[str, dict[str, int]]:

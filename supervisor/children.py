@@ -120,6 +120,10 @@ def spawn(assignment: Assignment, deadline: float) -> RunningJob:
         os.close(lifeline_w)
         os.close(results_r)
         run_child(assignment, lifeline_r, results_w, deadline)
+    try:
+        os.setpgid(pid, pid)  # as the child does: the group exists from now on
+    except OSError:
+        pass  # the child has exec'd or exited already; its own call did it
     os.close(lifeline_r)
     os.close(results_w)
     os.set_blocking(lifeline_w, False)

@@ -78,6 +78,12 @@ def parse_count(value) -> int:
     return value
 
 
+def parse_niceness(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 19:
+        raise ValueError(f"expected a niceness from 0 to 19, got {value!r}")
+    return value
+
+
 def parse_text(value) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"expected a non-empty string, got {value!r}")
@@ -148,6 +154,7 @@ class JobsConfig:
     retry_backoff: float = 10.0
     keep_finished: float = 7 * 86400.0
     memory_limit: int | None = None  # bytes per job's process tree
+    nice: int = 10  # job processes yield the CPU to the supervisor
 
 
 @dataclass(frozen=True)
@@ -213,6 +220,7 @@ SCHEMA = {
         "retry_backoff": parse_duration,
         "keep_finished": parse_duration,
         "memory_limit": parse_size,
+        "nice": parse_niceness,
     },
     "log": {"format": parse_choice("text", "json"), "level": parse_choice("debug", "info", "warning", "error")},
 }

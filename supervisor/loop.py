@@ -25,6 +25,7 @@ from supervisor.processes import (
     clock,
     is_same_process,
     kill_tree,
+    signal_group,
     start_time,
     tree_rss,
 )
@@ -35,6 +36,7 @@ from supervisor.wakeup import Wakeups
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SWEEP_EVERY_S = 300.0
+CLAIM_BATCH = 4
 KILL_REAP_TIMEOUT_S = 5.0  # SIGKILLed processes in D state may take a moment
 MAX_BACKOFF_S = 5.0
 
@@ -207,14 +209,17 @@ class Supervisor:
         self.next_claim = clock() + self.config.server.poll_interval
         if free <= 0 or clock() > self.fence_deadline() - self.config.server.heartbeat_interval:
             return  # a job started now would be fenced before the next heartbeat
+        # A few at a time: a fork under a full CPU load can take 100 ms, and
+        # signals and heartbeats must not wait for dozens of them.
+        batch = min(free, CLAIM_BATCH)
         try:
-            jobs = self.storage.claim(self.server_id, self.config.server.queues, free)
+            jobs = self.storage.claim(self.server_id, self.config.server.queues, batch)
         except StorageUnavailable as exc:
             event("cannot claim: %s", exc, level=logging.WARNING, event="db_unreachable")
             return
         for job in jobs:
             self._start_job(job)
-        if len(jobs) == free:
+        if len(jobs) == batch:
             self.next_claim = clock()  # there may be more waiting
 
     def _start_job(self, job) -> None:
@@ -229,7 +234,7 @@ class Supervisor:
             self.pending.append((job, "refused", str(exc)))
             self.record_pending()
             return
-        assignment = Assignment(job, self.server_id, self.config.database.url, self.allow)
+        assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice)
         child = spawn(assignment, self.fence_deadline())
         self.running[child.pid] = child
         event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,
@@ -391,8 +396,11 @@ class Supervisor:
         """SIGKILL every child's tree now and drop their outcomes."""
         dropping, self.dropping = self.dropping, True
         try:
-            for child in list(self.running.values()):
-                kill_tree(child.pid)
+            # One walk of our whole tree, not one per child: each walk reads
+            # /proc for every process on the host.
+            kill_tree(os.getpid(), include_root=False)
+            for child in self.running.values():
+                signal_group(child.pid, signal.SIGKILL)
             self.wait_for_children(clock() + KILL_REAP_TIMEOUT_S)
         finally:
             self.dropping = dropping

@@ -5,14 +5,13 @@ until the old children are surely dead.
 """
 
 import logging
-import os
 import signal
 import threading
 
 from supervisor import systemd
 from supervisor.errors import EXIT_FAILURE, EXIT_OK
 from supervisor.logs import event
-from supervisor.processes import clock, kill_tree, signal_group
+from supervisor.processes import clock, signal_group
 
 HOLD_MARGIN_S = 2.0  # on top of kill_after: SIGKILL and reaping take time too
 STORAGE_BOUND_S = 2.0  # how long a shutdown step may wait for the database
@@ -74,11 +73,8 @@ def _stop_children(sup, kill_after: float) -> None:
     for child in sup.running.values():
         signal_group(child.pid, signal.SIGTERM)
     sup.wait_for_children(clock() + kill_after, hurry_ends_wait=True)
-    if sup.running:
-        sup.kill_all("shutdown: kill_after passed")
-    # Orphans of children that died first re-parented to us (subreaper).
-    kill_tree(os.getpid(), include_root=False)
-    sup.collect_children()
+    # Also kills orphans of children that died first, re-parented to us.
+    sup.kill_all("shutdown: kill_after passed")
 
 
 def _bounded(call):

@@ -157,3 +157,7 @@ def cooperative(record_dir):
 
 def bad_checkpoint():
     current_job().checkpoint({"not json": object()})
+
+
+def report_niceness(record_dir):
+    _log(record_dir, "niceness", f"{os.nice(0)} {psutil.Process(os.getppid()).nice()}")

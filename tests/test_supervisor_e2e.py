@@ -191,3 +191,12 @@ def test_logs_say_what_happened_to_which_job(queue, e2e_db_url, supervisors, rec
     mine = [line["event"] for line in lines if line.get("job") == job.id]
     assert mine[:2] == ["claimed", "succeeded"]
     assert any(line.get("event") == "handed_off" for line in lines)
+
+
+def test_job_processes_yield_the_cpu_to_their_supervisor_and_child(queue, e2e_db_url, supervisors, records):
+    sup = supervisors(e2e_db_url, "s1", jobs={"nice": 7})
+    sup.wait_registered(queue)
+    job = queue.enqueue("scjobs:report_niceness", [str(records)])
+    wait_for(lambda: state_of(queue, job.id) == "succeeded", what="the job")
+    base = psutil.Process(sup.pid).nice()
+    assert read_lines(records / "niceness") == [f"{base + 7} {base}"]

@@ -22,10 +22,6 @@ from supervisor.storage import new_job
 SPIN = "benchmarks.bjobs:spin"
 
 
-def _processing(queue, n):
-    return queue.counts().get("processing", 0) == n
-
-
 # --- 1. handoff commit ------------------------------------------------------------
 
 
@@ -37,11 +33,13 @@ def handoff_commit(kind, workdir, in_flight=(1, 8, 64), runs=20):
         for run in range(runs):
             url = fresh_database(kind, workdir)
             with Queue(url) as queue:
-                queue.storage.enqueue(*(new_job(SPIN, [str(workdir / f"m{run}-{i}")]) for i in range(n)))
+                markers = [workdir / f"h-{kind}-{n}-{run}-{i}" for i in range(n)]
+                queue.storage.enqueue(*(new_job(SPIN, [str(marker)]) for marker in markers))
                 sup = Supervisor(url, workdir, f"h{n}-{run}", server={"concurrency": n})
                 try:
                     sup.wait_registered(queue)
-                    wait_until(lambda: _processing(queue, n), 60, 0.01)
+                    # In flight = every job's code running, not merely claimed.
+                    wait_until(lambda: all(marker.exists() for marker in markers), 60, 0.01)
                     sent = clock()
                     sup.kill(signal.SIGTERM)
                     wait_until(lambda: queue.counts().get("enqueued", 0) == n, 10)

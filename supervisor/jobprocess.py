@@ -238,7 +238,11 @@ class Child:
 
     def _clean_up_tree(self) -> None:
         """Nothing the job started may outlive it: kill what is left of the
-        tree (grandchildren that left the group included) and reap it."""
+        tree (grandchildren that left the group included) and reap it. We
+        are a subreaper, so with no child left there is no descendant left,
+        and the usual case needs no walk of /proc."""
+        if not self._has_children():
+            return
         kill_tree(os.getpid(), include_root=False)
         while True:
             try:
@@ -247,6 +251,14 @@ class Child:
                 return
             except InterruptedError:
                 continue
+
+    @staticmethod
+    def _has_children() -> bool:
+        try:
+            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            return True  # some child exists, exited or not
+        except ChildProcessError:
+            return False
 
 
 def _signal(pid, sig):

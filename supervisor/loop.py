@@ -53,6 +53,7 @@ class Supervisor:
         self.stop_signal_at: float | None = None
         self.hurry = False  # a second stop signal: skip what waiting is left
         self.claiming = True
+        self.idle = True  # the last claim found nothing
         self.dropping = False  # outcomes are not ours to record any more
         self.exit_requested = False
         self.pending: list[tuple[Job, str, str | None]] = []  # outcomes to record
@@ -213,12 +214,13 @@ class Supervisor:
         # signals and heartbeats must not wait for dozens of them.
         batch = min(free, CLAIM_BATCH)
         try:
-            jobs = self.storage.claim(self.server_id, self.config.server.queues, batch)
+            jobs = self.storage.claim(self.server_id, self.config.server.queues, batch, probe=self.idle)
         except StorageUnavailable as exc:
             event("cannot claim: %s", exc, level=logging.WARNING, event="db_unreachable")
             return
         for job in jobs:
             self._start_job(job)
+        self.idle = not jobs
         if len(jobs) == batch:
             self.next_claim = clock()  # there may be more waiting
 

@@ -258,14 +258,16 @@ class Storage:
 
     # claiming and results ----------------------------------------------------
 
-    def claim(self, server_id: str, queues, limit: int = 1) -> list[Job]:
+    def claim(self, server_id: str, queues, limit: int = 1, probe: bool = False) -> list[Job]:
         """Take up to `limit` due jobs from `queues`, highest priority then
         oldest first, for a server that is still `running`. Each gets a new
         lease token and one more attempt. No job goes to two claimers: other
         databases skip rows locked by a concurrent claim, SQLite has one
-        writer at a time."""
-        if not self.locks_rows and not self._anything_due(queues):
-            return []  # SQLite: do not take the write lock to find nothing
+        writer at a time. With `probe` (an idle server polling), SQLite first
+        looks for due jobs in a read transaction, so that idle servers do not
+        contend for the write lock to find nothing."""
+        if probe and not self.locks_rows and not self._anything_due(queues):
+            return []
         with self._write() as conn:
             state = conn.execute(
                 self._for_update(select(servers.c.state).where(servers.c.id == server_id), read=True)

@@ -403,12 +403,23 @@ class Supervisor:
             kill_tree(os.getpid(), include_root=False)
             for child in self.running.values():
                 signal_group(child.pid, signal.SIGKILL)
-            self.wait_for_children(clock() + KILL_REAP_TIMEOUT_S)
+            self._reap_everything(clock() + KILL_REAP_TIMEOUT_S)
         finally:
             self.dropping = dropping
         for child in self.running.values():
             event("job %d: child %d not reaped after SIGKILL (%s)", child.job.id, child.pid, reason,
                   level=logging.ERROR, event="kill_failed")
+
+    def _reap_everything(self, deadline: float) -> None:
+        """Collect our children and every orphan that re-parented to us, so
+        none is left a zombie for init when we exit."""
+        while clock() < deadline:
+            self.collect_children()
+            try:
+                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                return  # nothing at all left below us
+            self.wait(min(0.01, deadline - clock()))  # SIGCHLD wakes us sooner
 
     def wait_for_children(self, deadline: float, hurry_ends_wait: bool = False) -> None:
         """Collect children until none is left or `deadline` passes."""

@@ -72,7 +72,13 @@ class RunningJob:
         """(what happened, error text): succeeded, failed, handoff or
         dropped (the run lost its job; nothing may be recorded). While the
         supervisor is `stopping`, a job killed by SIGTERM was interrupted by
-        the deploy (some platforms signal every process), not failed."""
+        the deploy (some platforms signal every process), not failed.
+
+        A job its child stopped because the deadline passed is handed off:
+        no heartbeat of ours failed (or the supervisor would be dropping
+        outcomes), the loop was just late renewing it, so our server may
+        still hold the lease and nobody else would requeue the job. The give
+        back is fenced by the lease, and the child reaped the job's tree."""
         kind, error = self._outcome()
         ended = self._message("exit")
         if stopping and kind == "failed" and ended and ended.get("code") == -signal.SIGTERM:
@@ -82,11 +88,11 @@ class RunningJob:
     def _outcome(self) -> tuple[str, str | None]:
         if self.lease_lost:
             return "dropped", "the job was requeued or deleted while it ran"
-        if self.kill_reason:
-            return "failed", self.kill_reason
         fenced = self._message("fenced")
         if fenced:
-            return "dropped", fenced.get("reason")
+            return "handoff", f"its child stopped it: {fenced.get('reason')}"
+        if self.kill_reason:
+            return "failed", self.kill_reason
         result = self._message("result")
         ended = self._message("exit")
         if result:

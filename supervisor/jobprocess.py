@@ -2,8 +2,8 @@
 
 A child is forked by the supervisor for one job. It becomes the leader of a
 new process group (in the supervisor's session) and a subreaper, and forks
-the job's process below it. The child never runs job code: it stays small so that it can
-always do its three duties, whatever the job's code is doing:
+the job's process below it. The child never runs job code: it stays small
+so that it can always do its three duties, whatever the job's code is doing:
 
 - kill the job's whole tree when the supervisor dies (lifeline EOF), even
   grandchildren that left the group;
@@ -34,6 +34,7 @@ from supervisor.processes import (
     close_fds_except,
     describe_status,
     die_with_parent,
+    has_children,
     kill_tree,
 )
 from supervisor.records import Job
@@ -241,7 +242,7 @@ class Child:
         tree (grandchildren that left the group included) and reap it. We
         are a subreaper, so with no child left there is no descendant left,
         and the usual case needs no walk of /proc."""
-        if not self._has_children():
+        if not has_children():
             return
         kill_tree(os.getpid(), include_root=False)
         while True:
@@ -251,14 +252,6 @@ class Child:
                 return
             except InterruptedError:
                 continue
-
-    @staticmethod
-    def _has_children() -> bool:
-        try:
-            os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            return True  # some child exists, exited or not
-        except ChildProcessError:
-            return False
 
 
 def _signal(pid, sig):

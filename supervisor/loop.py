@@ -23,6 +23,7 @@ from supervisor.logs import event
 from supervisor.processes import (
     become_subreaper,
     clock,
+    has_children,
     is_same_process,
     kill_tree,
     signal_group,
@@ -274,15 +275,6 @@ class Supervisor:
     def _finish(self, child: RunningJob) -> None:
         kind, error = child.outcome(stopping=self.stop_signal is not None)
         seconds = clock() - child.started
-        fenced = child._message("fenced")
-        if fenced and not self.dropping and not child.lease_lost:
-            # The child killed the job because its deadline passed, yet no
-            # heartbeat of ours failed: this loop was late renewing it (a
-            # storage call blocked, CPU starvation). Our server may still hold
-            # the lease, and then nobody else would ever requeue the job. Give
-            # it back, fenced by the lease (a stale write if we were reaped
-            # meanwhile); its processes are dead: the child reaped them all.
-            kind, error = "handoff", f"its child stopped it: {fenced.get('reason')}"
         if self.dropping or kind == "dropped":
             event("job %d: outcome '%s' after %.2fs dropped: this run no longer owns the job",
                   child.job.id, kind, seconds, event="dropped", job=child.job.id)
@@ -415,9 +407,7 @@ class Supervisor:
         none is left a zombie for init when we exit."""
         while clock() < deadline:
             self.collect_children()
-            try:
-                os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:
+            if not has_children():
                 return  # nothing at all left below us
             self.wait(min(0.01, deadline - clock()))  # SIGCHLD wakes us sooner
 

@@ -63,6 +63,16 @@ def close_fds_except(keep: set[int]) -> None:
                 pass
 
 
+def has_children() -> bool:
+    """Does this process have any child, running or exited but not reaped?
+    For a subreaper, no child means no descendant at all."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        return True
+    except ChildProcessError:
+        return False
+
+
 def start_time(pid: int) -> float | None:
     """The process's start time (epoch seconds), None if there is none."""
     try:

@@ -212,4 +212,8 @@ case "$start" in
         say "not starting a supervisor (--start none): your process manager must start $app_root/current/$bin_path run"
         ;;
 esac
-say "done: current -> $link_target"
+if (( dry_run )); then
+    say "dry run: nothing was changed (current would point at $link_target)"
+else
+    say "done: current -> $link_target"
+fi

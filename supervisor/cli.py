@@ -267,11 +267,15 @@ def job(job_id: Annotated[int, typer.Argument(metavar="ID")], config: ConfigOpti
 
 @app.command()
 @reports_errors
-def requeue(job_ids: Annotated[list[int], typer.Argument(metavar="ID...")], config: ConfigOption = None):
+def requeue(
+    job_ids: Annotated[list[int], typer.Argument(metavar="ID...")],
+    force: Annotated[bool, typer.Option("--force", help="Also requeue jobs that succeeded (their code runs again).")] = False,
+    config: ConfigOption = None,
+):
     """Put jobs back in the queue now (new lease: an old run can record nothing)."""
     q = open_queue(config)
     for job_id in job_ids:
-        q.requeue(job_id)
+        q.requeue(job_id, force=force)
         typer.echo(f"requeued job {job_id}")
 
 

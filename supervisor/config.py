@@ -24,6 +24,7 @@ from supervisor.storage import QUEUE_NAME
 DEFAULT_FILE = "shiftchange.yaml"
 ENV_FILE = "SHIFTCHANGE_CONFIG"
 ENV_URL = "SHIFTCHANGE_DATABASE_URL"
+PLAIN_MAPPING = "tag:yaml.org,2002:map"
 
 
 # --- value parsers: each takes the YAML value, returns it or raises ValueError --
@@ -286,6 +287,10 @@ def _mapping(node, path, what, prefix=""):
     error, because YAML would otherwise keep the last one without a word."""
     if not isinstance(node, yaml.MappingNode):
         raise ConfigError(f"{_where(path, node.start_mark)}: {what} must be a mapping of keys")
+    if node.tag != PLAIN_MAPPING:
+        # `!!python/object:os.system {}` is a mapping too: refuse every tag.
+        raise ConfigError(f"{_where(path, node.start_mark)}: {what}: YAML tags such as {node.tag!r} "
+                          f"are refused; write plain keys and values")
     seen = {}
     for key_node, value_node in node.value:
         key = key_node.value

@@ -39,6 +39,14 @@ class JobNotFound(ShiftchangeError):
     """No job has the given id."""
 
 
+class UnknownServer(ShiftchangeError):
+    """No server has the given name or id (a typo in a hook, say)."""
+
+
+class ActionRefused(ShiftchangeError):
+    """An operator action that would do harm without --force."""
+
+
 class LeaseLost(Exception):
     """This run of the job no longer holds its lease: another server owns the
     job now (it was handed off or its server was reaped). Job code should let

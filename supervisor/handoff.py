@@ -18,6 +18,7 @@ import time
 
 import psutil
 
+from supervisor.errors import UnknownServer
 from supervisor.processes import clock, is_same_process
 from supervisor.storage import LIVE_SERVER_STATES, Storage
 
@@ -26,8 +27,17 @@ KILL_WAIT_S = 5.0  # for SIGKILLed processes to be gone
 
 def choose_servers(storage: Storage, wanted: list[str] | None):
     """Servers named (by name or id) in `wanted`, else every live server
-    registered from this host."""
-    live = storage.servers(states=LIVE_SERVER_STATES)
+    registered from this host. A name or id that no server, live or
+    stopped, has ever had is a typo that must not pass silently: a hook
+    would carry on believing the jobs were handed off (UnknownServer)."""
+    every = storage.servers()
+    if wanted:
+        unknown = [w for w in wanted if not any(w in (s.id, s.name) for s in every)]
+        if unknown:
+            live_names = sorted({s.name for s in every if s.state in LIVE_SERVER_STATES})
+            known = ", ".join(live_names) if live_names else "none"
+            raise UnknownServer(f"no server is named {', '.join(unknown)} (running servers: {known})")
+    live = [s for s in every if s.state in LIVE_SERVER_STATES]
     if wanted:
         return [s for s in live if s.id in wanted or s.name in wanted]
     host = socket.gethostname()

@@ -36,6 +36,7 @@ from supervisor.processes import (
     die_with_parent,
     has_children,
     kill_tree,
+    set_title,
 )
 from supervisor.records import Job
 from supervisor.targets import AllowList, resolve_callable
@@ -105,6 +106,7 @@ class Child:
         # a CPU share equal to the supervisor's whole, whatever its niceness,
         # and 64 CPU-bound jobs made the handoff take 400 ms instead of 10.
         os.setpgid(0, 0)
+        set_title(f"shiftchange: child of job {self.assignment.job.id}")
         become_subreaper()
         close_fds_except({self.lifeline, self.results})
         self.wakeup = self._own_signals()
@@ -284,6 +286,7 @@ def run_callable(assignment: Assignment, results: int, stop_notices: int, close:
         os.close(fd)
     _become_job_process(assignment.nice)
     job = assignment.job
+    set_title(f"shiftchange: job {job.id} {job.target}")
     context = jobcontext.JobContext(
         job, job.lease, assignment.server_id, lambda: open_storage(assignment.database_url)
     )

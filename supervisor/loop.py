@@ -26,6 +26,7 @@ from supervisor.processes import (
     has_children,
     is_same_process,
     kill_tree,
+    set_title,
     signal_group,
     start_time,
     tree_rss,
@@ -57,6 +58,7 @@ class Supervisor:
         self.idle = True  # the last claim found nothing
         self.dropping = False  # outcomes are not ours to record any more
         self.exit_requested = False
+        self.draining = False  # shutdown step 2: the loop runs, claiming has stopped
         self.pending: list[tuple[Job, str, str | None]] = []  # outcomes to record
         self.last_beat_sent = clock()
         self.beat_failing_since: float | None = None
@@ -180,16 +182,38 @@ class Supervisor:
         """Run until a stop signal or a deliberate handoff; returns then."""
         systemd.notify("READY=1", f"STATUS=serving as {self.server_id}")
         while self.stop_signal is None and not self.exit_requested:
-            self.wait(self._next_wake() - clock())
-            self.collect_children()
-            if self.stop_signal is not None or self.exit_requested:
-                return
-            now = clock()
-            if now >= self.next_beat:
-                self.beat()
-            if self.claiming and now >= self.next_claim and self.server_id:
-                self.claim()
-            self._ping_watchdog()
+            self.tick()
+
+    def drain(self, seconds: float) -> None:
+        """Shutdown step 2: let running jobs finish for up to `seconds`.
+        The whole loop keeps running -- heartbeats, the children's deadline
+        renewal, lease checks, recording outcomes -- only claiming has
+        stopped: a drain may last far longer than dead_after, and a server
+        that went silent while draining would be reaped and its jobs run
+        twice. A second stop signal, or finding that someone else stopped
+        this server, ends it early."""
+        deadline = clock() + seconds
+        self.draining = True
+        self.next_beat = clock()  # learn at once whether `shiftchange handoff` took our jobs
+        try:
+            while self.running and clock() < deadline and not self.hurry and not self.exit_requested:
+                self.tick(deadline)
+        finally:
+            self.draining = False
+
+    def tick(self, until: float | None = None) -> None:
+        """One turn of the loop: wait for something to do (at most until
+        `until`), collect finished children, heartbeat and claim when due."""
+        self.wait(min(self._next_wake(), until if until is not None else float("inf")) - clock())
+        self.collect_children()
+        if self.exit_requested or (self.stop_signal is not None and not self.draining):
+            return  # the shutdown sequence starts now, not after a heartbeat
+        now = clock()
+        if now >= self.next_beat:
+            self.beat()
+        if self.claiming and now >= self.next_claim and self.server_id:
+            self.claim()
+        self._ping_watchdog()
 
     def _next_wake(self) -> float:
         wakes = [self.next_beat]
@@ -377,6 +401,13 @@ class Supervisor:
                   level=logging.WARNING, event="handed_off", server=self.server_id)
             self.exit_requested = True
             return
+        if self.stop_signal is not None:
+            # Shutting down anyway: the handoff that follows requeues what is
+            # still ours; registering again would only be undone.
+            event("server %s is %s while shutting down: children killed, not registering again",
+                  self.server_id, state, level=logging.WARNING, event="lost_server", server=self.server_id)
+            self.exit_requested = True
+            return
         try:
             if state == "running":  # fenced ourselves; nobody reaped us
                 self.storage.reap_server(self.server_id, "its server fenced itself (no heartbeat)")
@@ -454,6 +485,7 @@ def run_supervisor(config: Config) -> int:
     """`shiftchange run`: serve until stopped; returns the exit code."""
     from supervisor.shutdown import shut_down, stop_after_external_handoff
 
+    set_title(f"shiftchange: supervisor {config.server.name}")
     sup = Supervisor(config)
     sup.install_signals()
     become_subreaper()  # double-forked descendants of jobs stay findable

@@ -14,6 +14,7 @@ import signal
 import time
 
 import psutil
+import setproctitle
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -38,6 +39,12 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
 def become_subreaper() -> bool:
     """Orphaned descendants re-parent to this process (Linux >= 3.4)."""
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def set_title(title: str) -> None:
+    """What `ps` and `top` show for this process: the supervisor, a child
+    and a job's process must be told apart by an operator about to kill one."""
+    setproctitle.setproctitle(title)
 
 
 def clock() -> float:
@@ -83,15 +90,26 @@ def start_time(pid: int) -> float | None:
 
 def is_same_process(pid: int, started_at: float | None) -> bool | None:
     """Is `pid` still the process that started at `started_at`? True: alive
-    and the same (safe to signal). False: provably gone (no such process, or
+    and the same (safe to signal). False: provably gone (no such process, a
+    zombie -- it has exited, only its parent has not collected it yet --, or
     the pid now belongs to a later process). None: alive but nothing to
     compare with, so neither can be proven."""
+    if is_zombie(pid):
+        return False
     now_started = start_time(pid)
     if now_started is None:
         return False
     if started_at is None:
         return None
     return abs(now_started - started_at) < 0.05
+
+
+def is_zombie(pid: int) -> bool:
+    """Has `pid` exited and is it only waiting for its parent to reap it?"""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
 
 
 def descendants(pid: int) -> list[psutil.Process]:

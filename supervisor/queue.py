@@ -86,8 +86,10 @@ class Queue:
     def queue_counts(self) -> dict[str, dict[str, int]]:
         return self.storage.counts()
 
-    def requeue(self, job_id: int) -> Job:
-        return self.storage.requeue(job_id)
+    def requeue(self, job_id: int, force: bool = False) -> Job:
+        """Run a job again from the start. A succeeded job is refused
+        (ActionRefused) unless `force`: its code would run a second time."""
+        return self.storage.requeue(job_id, force=force)
 
     def delete(self, job_id: int) -> None:
         self.storage.delete(job_id)

@@ -54,16 +54,11 @@ def _reason(sup) -> str:
 def _drain(sup, seconds: float) -> None:
     if seconds <= 0 or not sup.running:
         return
-    state, known = _bounded(lambda: sup.storage.heartbeat(sup.server_id))
-    if known and state != "running":
-        # `shiftchange handoff` took our jobs already: their holds do not
-        # cover a drain, so the children must not keep running.
-        event("server is %s already: no drain", state, event="draining")
-        return
     for child in sup.running.values():
         child.notice_stop()
-    event("draining for up to %.1fs: %d jobs running", seconds, len(sup.running), event="draining")
-    sup.wait_for_children(clock() + seconds, hurry_ends_wait=True)
+    event("draining for up to %.1fs: %d jobs running; still heartbeating, not claiming",
+          seconds, len(sup.running), event="draining")
+    sup.drain(seconds)
 
 
 def _stop_children(sup, kill_after: float) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from supervisor.database import unavailable
 from supervisor.dbtime import db_now
-from supervisor.errors import InvalidJob, JobNotFound
+from supervisor.errors import ActionRefused, InvalidJob, JobNotFound
 from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
 from supervisor.tables import events, jobs, servers
 from supervisor.targets import check_callable_syntax
@@ -609,18 +609,24 @@ class Storage:
             by_queue.setdefault(queue, dict.fromkeys(JOB_STATES, 0))[state] = count
         return by_queue
 
-    def requeue(self, job_id: int, server_id: str | None = None) -> Job:
+    def requeue(self, job_id: int, force: bool = False) -> Job:
         """Put a job back in the queue, with a new lease (so a run still
         holding the old one can record nothing) and its attempts reset. A
         job still processing is held for its server's dead_after: by then
         that server has killed the old run (it checks its leases every
-        heartbeat, and a frozen one's children fence themselves)."""
+        heartbeat, and a frozen one's children fence themselves). A job
+        that succeeded would run its code again: refused (ActionRefused)
+        unless `force`."""
         with self._write() as conn:
             row = conn.execute(
                 self._for_update(select(jobs.c.state, jobs.c.server_id).where(jobs.c.id == job_id))
             ).first()
             if row is None:
                 raise JobNotFound(f"no job with id {job_id}")
+            if row.state == "succeeded" and not force:
+                raise ActionRefused(
+                    f"job {job_id} succeeded already; requeueing it runs its code again (use --force to do so)"
+                )
             hold = 0.0
             if row.state == "processing":
                 hold = conn.execute(
@@ -632,7 +638,7 @@ class Storage:
                     attempts=0, finished_at=None,
                 )
             )
-            self._record(conn, [dict(job_id=job_id, kind="requeued", server_id=server_id,
+            self._record(conn, [dict(job_id=job_id, kind="requeued", server_id=None,
                                      detail=f"by an operator (was {row.state})")])
             self._wake(conn)
         return self.get(job_id)

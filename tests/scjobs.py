@@ -161,3 +161,11 @@ def bad_checkpoint():
 
 def report_niceness(record_dir):
     _log(record_dir, "niceness", f"{os.nice(0)} {psutil.Process(os.getppid()).nice()}")
+
+
+def finish_after(record_dir, seconds):
+    """Take `seconds` whatever happens (a stop notice included), then record
+    that the job's code completed."""
+    job = _start(record_dir)
+    time.sleep(seconds)
+    _log(record_dir, f"job-{job.id}.done", str(os.getpid()))

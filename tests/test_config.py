@@ -172,6 +172,9 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
     ("server: [1, 2]\n", 1, ["'server' must be a mapping"]),
     ("- just\n- a list\n", 1, ["top level must be a mapping"]),
     ("server:\n  name: !!python/name:os.system x\n", 2, ["server.name", "not a plain YAML value"]),
+    # a tagged document or section is not an empty one (docs/security.md: tags are refused)
+    ("!!python/object:os.system {}\n", 1, ["top level", "tags", "refused"]),
+    ("server: !!python/object:os.system {}\n", 1, ["'server'", "tags", "refused"]),
     # negative and impossible durations
     ("shutdown:\n  kill_after: -2s\n", 2, ["shutdown.kill_after", "negative"]),
     ("shutdown:\n  drain: soon\n", 2, ["shutdown.drain", "not a duration"]),

@@ -56,7 +56,11 @@ def test_shiftchange_handoff_requeues_the_jobs_and_stops_the_supervisor(queue, e
 def test_handoff_with_nothing_to_do_succeeds(queue, e2e_db_url, supervisors):
     sup = supervisors(e2e_db_url, "web-1")
     sup.wait_registered(queue)
-    done = handoff(sup, "--server", "no-such-server")
+    other = supervisors(e2e_db_url, "web-2")
+    other.wait_registered(queue)
+    other.send(signal.SIGTERM)
+    assert other.wait() == 0
+    done = handoff(sup, "--server", "web-2")  # known, stopped already
     assert done.returncode == 0 and "nothing to hand off" in done.stdout + done.stderr
     assert sup.proc.poll() is None
 

@@ -408,6 +408,21 @@ def test_an_unreachable_database_is_one_clear_error_without_the_password():
     assert "s3cret" not in message and "\n" not in message
 
 
+def test_requeue_of_a_succeeded_job_is_refused_unless_forced(queue):
+    from supervisor.errors import ActionRefused
+
+    sid = register(queue)
+    queue.enqueue("app:f")
+    job = claim_one(queue, sid)
+    assert queue.storage.complete(job.id, job.lease, sid)
+    with pytest.raises(ActionRefused, match="--force"):
+        queue.requeue(job.id)
+    assert queue.get(job.id).state == "succeeded"  # nothing changed
+    assert [e.kind for e in queue.get(job.id).events][-1] == "succeeded"
+    again = queue.requeue(job.id, force=True)
+    assert (again.state, again.attempts) == ("enqueued", 0)
+
+
 def test_requeue_of_a_running_job_holds_it_until_its_run_is_surely_stopped(queue):
     sid = register(queue, dead_after=30)
     queue.enqueue("app:f")

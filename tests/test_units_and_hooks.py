@@ -408,6 +408,8 @@ def test_deploy_dry_run_changes_nothing(tmp_path, app):
     assert commands(tmp_path) == ["config check"]
     assert os.readlink(app / "current") == "releases/r1"
     assert "would run:" in proc.stderr and "handoff" in proc.stderr
+    assert "nothing was changed" in proc.stderr.splitlines()[-1]
+    assert "done:" not in proc.stderr
 
 
 @pytest.mark.parametrize(

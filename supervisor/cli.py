@@ -317,6 +317,29 @@ def handoff(
 
 @app.command()
 @reports_errors
+def quiet(
+    server: Annotated[Optional[list[str]], typer.Option("--server", "-s", help="Server name or id; repeat for more (default: every running server on this host).")] = None,
+    undo: Annotated[bool, typer.Option("--undo", help="Let the servers claim again.")] = False,
+    config: ConfigOption = None,
+    json_: JsonOption = False,
+):
+    """Stop servers claiming new jobs; they keep running theirs and heartbeating.
+
+    For the start of a deploy: quiet the old servers, then hand them off at
+    the end. SIGTSTP to a supervisor does the same; --undo reverses it."""
+    changed = open_queue(config).quiet(server, quiet=not undo)
+    if json_:
+        print_json([{"id": s.id, "name": s.name, "quiet": not undo} for s in changed])
+        return
+    if not changed:
+        where = f"named {', '.join(server)}" if server else "registered from this host"
+        typer.echo(f"no running server {where}: nothing to change")
+    for s in changed:
+        typer.echo(f"server {s.name} ({s.id}): " + ("claiming again" if undo else "quiet: claims nothing new, keeps running its jobs"))
+
+
+@app.command()
+@reports_errors
 def reap(config: ConfigOption = None, json_: JsonOption = False):
     """One pass of dead-server detection: requeue the jobs of servers whose heartbeat stopped."""
     taken = open_queue(config).storage.reap()

@@ -86,6 +86,17 @@ class Queue:
     def queue_counts(self) -> dict[str, dict[str, int]]:
         return self.storage.counts()
 
+    def quiet(self, servers: list[str] | None = None, quiet: bool = True) -> list[Server]:
+        """Ask servers (names or ids; default: every live server of this
+        host) to stop claiming new jobs while they keep running theirs and
+        heartbeating -- or, with quiet=False, to claim again. Returns the
+        servers changed; UnknownServer for a name no server ever had."""
+        from supervisor.handoff import choose_servers
+
+        chosen = choose_servers(self.storage, servers)
+        changed = set(self.storage.set_quiet([s.id for s in chosen], quiet))
+        return [s for s in chosen if s.id in changed]
+
     def requeue(self, job_id: int, force: bool = False) -> Job:
         """Run a job again from the start. A succeeded job is refused
         (ActionRefused) unless `force`: its code would run a second time."""

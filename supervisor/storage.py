@@ -241,20 +241,37 @@ class Storage:
         """Refresh the server's heartbeat, which is also the lease of every job
         it runs (a job's lease lasts as long as its server's heartbeat is
         fresh, so one row write extends them all). Returns the server's state:
-        `running` when the heartbeat was recorded; `dead`, `stopping` or
-        `stopped` when someone else decided this server is finished; None
-        when its row is gone."""
+        `running` when the heartbeat was recorded, `quiet` when it was and
+        the server is asked not to claim; `dead`, `stopping` or `stopped`
+        when someone else decided this server is finished; None when its row
+        is gone."""
         with self._write() as conn:
             beat = conn.execute(
                 update(servers)
                 .where(servers.c.id == server_id, servers.c.state == "running")
                 .values(heartbeat_at=db_now())
             )
+            row = conn.execute(
+                select(servers.c.state, servers.c.quiet).where(servers.c.id == server_id)
+            ).first()
             if beat.rowcount == 1:
-                return "running"
-            return conn.execute(
-                select(servers.c.state).where(servers.c.id == server_id)
-            ).scalar_one_or_none()
+                return "quiet" if row.quiet else "running"
+            return None if row is None else row.state
+
+    def set_quiet(self, server_ids, quiet: bool = True) -> list[str]:
+        """Ask live servers to stop claiming (quiet) or to claim again. A
+        quiet server keeps running its jobs and heartbeating; its state stays
+        `running`, so every reaper, old releases' included, still sees it
+        alive. Claims read the flag in their own transaction, so it holds
+        from the commit on. Returns the ids changed."""
+        ids = [server_ids] if isinstance(server_ids, str) else list(server_ids)
+        with self._write() as conn:
+            live = conn.execute(
+                select(servers.c.id).where(servers.c.id.in_(ids), servers.c.state.in_(LIVE_SERVER_STATES))
+            ).scalars().all()
+            if live:
+                conn.execute(update(servers).where(servers.c.id.in_(live)).values(quiet=quiet))
+            return list(live)
 
     # claiming and results ----------------------------------------------------
 
@@ -269,10 +286,10 @@ class Storage:
         if probe and not self.locks_rows and not self._anything_due(queues):
             return []
         with self._write() as conn:
-            state = conn.execute(
-                self._for_update(select(servers.c.state).where(servers.c.id == server_id), read=True)
-            ).scalar_one_or_none()
-            if state != "running":
+            server = conn.execute(
+                self._for_update(select(servers.c.state, servers.c.quiet).where(servers.c.id == server_id), read=True)
+            ).first()
+            if server is None or server.state != "running" or server.quiet:
                 return []
             due = (
                 select(jobs.c.id)

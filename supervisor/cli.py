@@ -54,11 +54,14 @@ def reports_errors(command):
     return wrapper
 
 
-def open_queue(config_path):
+def open_queue(config_path, create: bool = False):
+    """The queue of the configured database. Only producers (`enqueue`)
+    create the schema; every other command reads, and says so in one line
+    when there is no schema."""
     from supervisor.queue import Queue
 
     config = load_config(config_path)
-    return Queue(config.database.url, defaults=config)
+    return Queue(config.database.url, defaults=config, create=create)
 
 
 def print_json(data) -> None:
@@ -144,7 +147,7 @@ def enqueue(
     if command and (args or kwargs):
         raise ConfigError("--args and --kwargs do not apply to --command jobs; put arguments in ARGV")
     run_at, delay = parse_when(at) if at else (None, 0.0)
-    q = open_queue(config)
+    q = open_queue(config, create=True)
     spec = new_job(
         None if command else target[0],
         parse_json_option(args, "--args", list) or [],
@@ -182,13 +185,15 @@ def status(config: ConfigOption = None, json_: JsonOption = False):
     # Every state is always listed, with 0 when no job is in it.
     counts, queues = q.counts(), q.queue_counts()
     if json_:
-        print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues})
+        print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues,
+                    "database": q.database})
         return
-    table = Table("id", "name", "host", "pid", "state", "heartbeat", "jobs", title="servers")
+    table = Table("id", "name", "host", "pid", "state", "heartbeat", "jobs", "version", title="servers")
     for s in servers:
         table.add_row(s.id, s.name, s.host, str(s.pid), s.state, _age(s.heartbeat_age) + " ago",
-                      ",".join(map(str, s.jobs)) or "-")
+                      ",".join(map(str, s.jobs)) or "-", s.version or "0.1.0")
     console = Console()
+    console.print(f"database: {q.database}", highlight=False, markup=False)
     console.print(table)
     totals = Table("queue", *counts.keys(), title="jobs")
     for name, by_state in sorted(queues.items()):
@@ -354,13 +359,13 @@ def reap(config: ConfigOption = None, json_: JsonOption = False):
 @reports_errors
 def db_upgrade(config: ConfigOption = None):
     """Create or upgrade the schema to this release's version."""
-    from supervisor.database import current_revision, head_revision, make_engine, mask_url, upgrade
+    from supervisor.database import make_engine, mask_url, upgrade
 
     settings = load_config(config)
     engine = make_engine(settings.database.url)
-    before = current_revision(engine) if _reachable(engine) else None
-    upgrade(engine)
-    typer.echo(f"{mask_url(settings.database.url)}: schema {before or 'none'} -> {head_revision()}")
+    _reachable(engine)
+    before, after = upgrade(engine)
+    typer.echo(f"{mask_url(settings.database.url)}: schema {before or 'none'} -> {after}")
 
 
 def _reachable(engine) -> bool:

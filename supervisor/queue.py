@@ -3,7 +3,7 @@
 from datetime import datetime
 
 from supervisor.config import Config, load_config
-from supervisor.database import ensure_schema, make_engine
+from supervisor.database import ensure_schema, make_engine, mask_url, missing_sqlite_file
 from supervisor.records import JOB_STATES, Job, Server
 from supervisor.storage import Storage, new_job
 
@@ -12,20 +12,34 @@ class Queue:
     """A handle on one shiftchange database.
 
     `Queue(url)` connects to the database at `url`, creating the schema if the
-    database is empty. `Queue.from_config(path)` reads the YAML config
-    (see supervisor.config for where it is looked for).
+    database is empty and applying additive migrations (under the schema
+    lock). `Queue(url, create=False)` only reads and never writes the schema
+    or creates a SQLite file: on a database without the schema it raises
+    SchemaMissing. `Queue.from_config(path)` reads the YAML config (see
+    supervisor.config for where it is looked for).
     """
 
-    def __init__(self, url: str, *, defaults: Config | None = None):
+    def __init__(self, url: str, *, defaults: Config | None = None, create: bool = True):
         self.config = defaults or Config()
+        if not create:
+            missing_sqlite_file(url)
         self.engine = make_engine(url, pre_ping=True)
-        ensure_schema(self.engine)
+        try:
+            ensure_schema(self.engine, create=create)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self.storage = Storage(self.engine)
 
+    @property
+    def database(self) -> str:
+        """The database URL, password masked: safe to print."""
+        return mask_url(self.engine.url)
+
     @classmethod
-    def from_config(cls, path: str | None = None) -> "Queue":
+    def from_config(cls, path: str | None = None, *, create: bool = True) -> "Queue":
         config = load_config(path)
-        return cls(config.database.url, defaults=config)
+        return cls(config.database.url, defaults=config, create=create)
 
     def enqueue(
         self,

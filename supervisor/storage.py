@@ -217,7 +217,11 @@ class Storage:
     def register_server(
         self, *, name, host, pid, pid_started_at, queues, concurrency, dead_after
     ) -> str:
-        """Register a new running server; returns its new id."""
+        """Register a new running server; returns its new id. It records the
+        shiftchange version it runs, so `db upgrade` can tell which live
+        servers a contract step would break."""
+        from supervisor import __version__
+
         server_id = uuid.uuid4().hex
         with self._write() as conn:
             conn.execute(
@@ -233,6 +237,7 @@ class Storage:
                     dead_after=dead_after,
                     started_at=db_now(),
                     heartbeat_at=db_now(),
+                    version=__version__,
                 )
             )
         return server_id

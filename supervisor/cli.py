@@ -190,7 +190,7 @@ def status(config: ConfigOption = None, json_: JsonOption = False):
         return
     table = Table("id", "name", "host", "pid", "state", "heartbeat", "jobs", "version", title="servers")
     for s in servers:
-        table.add_row(s.id, s.name, s.host, str(s.pid), s.state, _age(s.heartbeat_age) + " ago",
+        table.add_row(s.id, s.name, s.host, str(s.pid), s.shown_state, _age(s.heartbeat_age) + " ago",
                       ",".join(map(str, s.jobs)) or "-", s.version or "0.1.0")
     console = Console()
     console.print(f"database: {q.database}", highlight=False, markup=False)

@@ -150,7 +150,7 @@ class Server:
             "name": self.name,
             "host": self.host,
             "pid": self.pid,
-            "state": self.state,
+            "state": self.shown_state,
             "queues": self.queues,
             "concurrency": self.concurrency,
             "started_at": to_iso(self.started_at),
@@ -160,4 +160,11 @@ class Server:
             "jobs": self.jobs,
             "version": self.version,
             "release": self.release,
+            "quiet": self.quiet,
         }
+
+    @property
+    def shown_state(self) -> str:
+        """The state as people read it: a running server asked not to claim
+        is `quiet` (stored as `running` plus a flag, see tables.py)."""
+        return "quiet" if self.quiet and self.state == "running" else self.state

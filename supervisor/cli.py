@@ -188,10 +188,15 @@ def status(config: ConfigOption = None, json_: JsonOption = False):
         print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues,
                     "database": q.database})
         return
-    table = Table("id", "name", "host", "pid", "state", "heartbeat", "jobs", "version", title="servers")
+    # The release column only when some server has one: without releases
+    # the table stays as it was.
+    releases = any(s.release for s in servers)
+    table = Table("id", "name", "host", "pid", "state", "heartbeat", "jobs", "version",
+                  *(["release"] if releases else []), title="servers")
     for s in servers:
         table.add_row(s.id, s.name, s.host, str(s.pid), s.shown_state, _age(s.heartbeat_age) + " ago",
-                      ",".join(map(str, s.jobs)) or "-", s.version or "0.1.0")
+                      ",".join(map(str, s.jobs)) or "-", s.version or "0.1.0",
+                      *([s.release or "-"] if releases else []))
     console = Console()
     console.print(f"database: {q.database}", highlight=False, markup=False)
     console.print(table)
@@ -299,6 +304,7 @@ def delete(job_ids: Annotated[list[int], typer.Argument(metavar="ID...")], confi
 def handoff(
     server: Annotated[Optional[list[str]], typer.Option("--server", "-s", help="Server name or id; repeat for more (default: every running server on this host).")] = None,
     timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for each local supervisor to exit before SIGKILL.")] = 10.0,
+    release: Annotated[Optional[str], typer.Option("--release", help="Every running server of this release, on any host (instead of --server).")] = None,
     config: ConfigOption = None,
     json_: JsonOption = False,
 ):
@@ -308,13 +314,16 @@ def handoff(
     supervisors that run on this host."""
     from supervisor.handoff import hand_off
 
+    if server and release is not None:
+        raise ConfigError("give --server or --release, not both")
     q = open_queue(config)
-    reports = hand_off(q.storage, server, timeout)
+    reports = hand_off(q.storage, server, timeout, release)
     if json_:
         print_json(reports)
         return
     if not reports:
-        where = f"named {', '.join(server)}" if server else "registered from this host"
+        where = (f"of release {release}" if release is not None
+                 else f"named {', '.join(server)}" if server else "registered from this host")
         typer.echo(f"no running server {where}: nothing to hand off")
     for r in reports:
         typer.echo(f"server {r['name']} ({r['id']}): requeued jobs {r['jobs']}; {r['supervisor']}")

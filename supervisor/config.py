@@ -19,11 +19,12 @@ import yaml
 
 from supervisor.database import mask_url
 from supervisor.errors import ConfigError
-from supervisor.storage import QUEUE_NAME
+from supervisor.storage import QUEUE_NAME, RELEASE_WINDOW_S
 
 DEFAULT_FILE = "shiftchange.yaml"
 ENV_FILE = "SHIFTCHANGE_CONFIG"
 ENV_URL = "SHIFTCHANGE_DATABASE_URL"
+ENV_RELEASE = "SHIFTCHANGE_RELEASE"  # server.release when the file leaves it unset
 PLAIN_MAPPING = "tag:yaml.org,2002:map"
 
 
@@ -91,6 +92,26 @@ def parse_text(value) -> str:
     return value
 
 
+_RELEASE = re.compile(r"^[A-Za-z0-9_.:@/+-]{1,200}$")
+
+
+def parse_release(value) -> str:
+    """A release name: an image tag, a version, a git revision."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        # YAML reads 1.10 as the number 1.1: the exact text would be lost.
+        raise ValueError(f"{value!r} is a number; quote it (e.g. '{value}') so the release keeps its exact text")
+    if not isinstance(value, str) or not _RELEASE.match(value):
+        raise ValueError(
+            f"{value!r} is not a release name: 1-200 of letters, digits and _ . : @ / + - "
+            f"(an image tag or a git revision)"
+        )
+    return value
+
+
+def _release_from_env() -> str | None:
+    return os.environ.get(ENV_RELEASE) or None
+
+
 def parse_text_list(value) -> tuple[str, ...]:
     if value is None:
         return ()
@@ -138,6 +159,8 @@ class ServerConfig:
     heartbeat_interval: float = 1.0
     dead_after: float = 10.0
     poll_interval: float = 0.2
+    release: str | None = field(default_factory=_release_from_env)  # the deploy release, e.g. the image tag
+    release_window: float = RELEASE_WINDOW_S  # how long a job handed off by release R is left to other releases
 
 
 @dataclass(frozen=True)
@@ -211,6 +234,8 @@ SCHEMA = {
         "heartbeat_interval": parse_duration,
         "dead_after": parse_duration,
         "poll_interval": parse_duration,
+        "release": parse_release,
+        "release_window": parse_duration,
     },
     "shutdown": {"drain": parse_duration, "kill_after": parse_duration},
     "jobs": {
@@ -253,6 +278,11 @@ def load_config(path: str | None = None) -> Config:
     config = _read_file(found) if found else Config()
     if os.environ.get(ENV_URL):
         config = replace(config, database=replace(config.database, url=os.environ[ENV_URL]))
+    if config.server.release is not None and config.server.release == _release_from_env():
+        try:
+            parse_release(config.server.release)
+        except ValueError as exc:
+            raise ConfigError(f"${ENV_RELEASE} (server.release): {exc}") from None
     return config
 
 

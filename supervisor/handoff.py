@@ -25,12 +25,15 @@ from supervisor.storage import LIVE_SERVER_STATES, Storage
 KILL_WAIT_S = 5.0  # for SIGKILLed processes to be gone
 
 
-def choose_servers(storage: Storage, wanted: list[str] | None):
-    """Servers named (by name or id) in `wanted`, else every live server
-    registered from this host. A name or id that no server, live or
-    stopped, has ever had is a typo that must not pass silently: a hook
-    would carry on believing the jobs were handed off (UnknownServer)."""
+def choose_servers(storage: Storage, wanted: list[str] | None, release: str | None = None):
+    """Servers named (by name or id) in `wanted`, else every live server of
+    `release` (on any host), else every live server registered from this
+    host. A name, id or release that no server, live or stopped, has ever
+    had is a typo that must not pass silently: a hook would carry on
+    believing the jobs were handed off (UnknownServer)."""
     every = storage.servers()
+    if release is not None:
+        return _of_release(every, release)
     if wanted:
         unknown = [w for w in wanted if not any(w in (s.id, s.name) for s in every)]
         if unknown:
@@ -44,9 +47,19 @@ def choose_servers(storage: Storage, wanted: list[str] | None):
     return [s for s in live if s.host == host]
 
 
-def hand_off(storage: Storage, wanted: list[str] | None, timeout: float) -> list[dict]:
+def _of_release(every, release: str):
+    if not any(s.release == release for s in every):
+        live = sorted({s.release for s in every if s.state in LIVE_SERVER_STATES and s.release})
+        known = ", ".join(live) if live else "none"
+        raise UnknownServer(f"no server has release {release} (releases of running servers: {known})")
+    return [s for s in every if s.state in LIVE_SERVER_STATES and s.release == release]
+
+
+def hand_off(storage: Storage, wanted: list[str] | None, timeout: float, release: str | None = None) -> list[dict]:
+    """Hand off the chosen servers (see choose_servers) in one transaction,
+    then stop those of this host; one report per server."""
     reports = []
-    chosen = choose_servers(storage, wanted)
+    chosen = choose_servers(storage, wanted, release)
     if not chosen:
         return reports
     reason = f"`shiftchange handoff` from {socket.gethostname()} (pid {os.getpid()})"

@@ -133,7 +133,7 @@ class Supervisor:
         while True:
             try:
                 ensure_schema(engine)
-                self.storage = Storage(engine)
+                self.storage = Storage(engine, self.config.server.release_window)
                 self.wakeups = Wakeups(engine)
                 self._reap_previous_incarnation()
                 self._register()
@@ -160,14 +160,15 @@ class Supervisor:
             queues=server.queues,
             concurrency=server.concurrency,
             dead_after=server.dead_after,
+            release=server.release,
         )
         self.beat_failing_since = None
         self.next_beat = clock() + server.heartbeat_interval
         self.quiet_wanted = self.quiet_wanted or self.quiet  # a new registration stays quiet
         event(
-            "server %s registered as %s (pid %d, queues %s, concurrency %d)",
-            server.name, self.server_id, os.getpid(), ",".join(server.queues), server.concurrency,
-            event="registered", server=self.server_id,
+            "server %s registered as %s (release %s, pid %d, queues %s, concurrency %d)",
+            server.name, self.server_id, server.release or "none", os.getpid(), ",".join(server.queues),
+            server.concurrency, event="registered", server=self.server_id, release=server.release,
         )
 
     def _reap_previous_incarnation(self) -> None:
@@ -249,7 +250,8 @@ class Supervisor:
         # signals and heartbeats must not wait for dozens of them.
         batch = min(free, CLAIM_BATCH)
         try:
-            jobs = self.storage.claim(self.server_id, self.config.server.queues, batch, probe=self.idle)
+            jobs = self.storage.claim(self.server_id, self.config.server.queues, batch, probe=self.idle,
+                                      release=self.config.server.release)
         except StorageUnavailable as exc:
             event("cannot claim: %s", exc, level=logging.WARNING, event="db_unreachable")
             return

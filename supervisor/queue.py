@@ -29,7 +29,7 @@ class Queue:
         except BaseException:
             self.engine.dispose()
             raise
-        self.storage = Storage(self.engine)
+        self.storage = Storage(self.engine, self.config.server.release_window)
 
     @property
     def database(self) -> str:

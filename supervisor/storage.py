@@ -12,7 +12,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, exists, func, insert, select, text, tuple_, update
+from sqlalchemy import and_, delete, exists, false, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import InterfaceError, OperationalError
 
@@ -27,6 +27,9 @@ MAX_PAYLOAD_BYTES = 1 << 20  # args + kwargs, and each checkpoint
 MAX_ERROR_CHARS = 64_000
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]{1,200}$")
 LIVE_SERVER_STATES = ("running", "stopping")
+# How long a job taken back from a server of release R is left to servers
+# of another release (config: server.release_window).
+RELEASE_WINDOW_S = 60.0
 WAKE_CHANNEL = "shiftchange_jobs"  # PostgreSQL NOTIFY channel
 
 
@@ -134,8 +137,11 @@ class Requeued:
 class Storage:
     """The queue's database, as a small set of transactional verbs."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, release_window: float = RELEASE_WINDOW_S):
         self.engine = engine
+        # A job this storage takes back from a server of release R is left
+        # to servers of another release for this long (see claim).
+        self.release_window = release_window
         # SQLite has one writer at a time; the others lock the rows they take.
         self.locks_rows = engine.dialect.name != "sqlite"
         self.notifies = engine.dialect.name == "postgresql"
@@ -215,11 +221,12 @@ class Storage:
     # servers -----------------------------------------------------------------
 
     def register_server(
-        self, *, name, host, pid, pid_started_at, queues, concurrency, dead_after
+        self, *, name, host, pid, pid_started_at, queues, concurrency, dead_after, release=None
     ) -> str:
         """Register a new running server; returns its new id. It records the
         shiftchange version it runs, so `db upgrade` can tell which live
-        servers a contract step would break."""
+        servers a contract step would break, and the deploy release it
+        belongs to (None: none), which claims and take-backs read."""
         from supervisor import __version__
 
         server_id = uuid.uuid4().hex
@@ -238,6 +245,7 @@ class Storage:
                     started_at=db_now(),
                     heartbeat_at=db_now(),
                     version=__version__,
+                    release=release,
                 )
             )
         return server_id
@@ -280,15 +288,22 @@ class Storage:
 
     # claiming and results ----------------------------------------------------
 
-    def claim(self, server_id: str, queues, limit: int = 1, probe: bool = False) -> list[Job]:
+    def claim(
+        self, server_id: str, queues, limit: int = 1, probe: bool = False, release: str | None = None
+    ) -> list[Job]:
         """Take up to `limit` due jobs from `queues`, highest priority then
         oldest first, for a server that is still `running`. Each gets a new
         lease token and one more attempt. No job goes to two claimers: other
         databases skip rows locked by a concurrent claim, SQLite has one
         writer at a time. With `probe` (an idle server polling), SQLite first
         looks for due jobs in a read transaction, so that idle servers do not
-        contend for the write lock to find nothing."""
-        if probe and not self.locks_rows and not self._anything_due(queues):
+        contend for the write lock to find nothing.
+
+        A claimer of `release` R leaves alone the jobs taken back from a
+        server of R until their avoid_until, while a live server of another
+        release serves their queue (see _left_to_others). Without a release
+        the claim is exactly what it was before releases existed."""
+        if probe and not self.locks_rows and not self._anything_due(queues, release):
             return []
         with self._write() as conn:
             server = conn.execute(
@@ -302,6 +317,7 @@ class Storage:
                     jobs.c.state == "enqueued",
                     jobs.c.queue.in_(list(queues)),
                     jobs.c.run_at <= db_now(),
+                    *self._left_to_others(conn, release, queues),
                 )
                 .order_by(jobs.c.priority.desc(), jobs.c.id)
                 .limit(limit)
@@ -335,13 +351,47 @@ class Storage:
             )
             return claimed
 
-    def _anything_due(self, queues) -> bool:
+    def _anything_due(self, queues, release: str | None = None) -> bool:
         with self._read() as conn:
             return conn.execute(
                 select(jobs.c.id).where(
-                    jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), jobs.c.run_at <= db_now()
+                    jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), jobs.c.run_at <= db_now(),
+                    *self._left_to_others(conn, release, queues),
                 ).limit(1)
             ).first() is not None
+
+    def _left_to_others(self, conn, release: str | None, queues) -> list:
+        """The extra claim conditions of a server of `release` R: a job taken
+        back from a server of R (avoid_release = R) is left alone until its
+        avoid_until, so that a server of another release takes it and a
+        rolling deploy moves it once -- but only in the queues that a live
+        server of another release serves: running, not quiet, heartbeat
+        fresh by its own dead_after. Read in the claim's own transaction, so
+        when no such server is up nothing waits for one that does not exist.
+        No condition at all when the claimer has no release."""
+        if release is None:
+            return []
+        others = conn.execute(
+            select(servers.c.queues).where(
+                servers.c.state == "running",
+                servers.c.quiet == false(),
+                servers.c.heartbeat_at + servers.c.dead_after >= db_now(),
+                servers.c.release.is_not(None),
+                servers.c.release != release,
+            )
+        ).scalars().all()
+        served = {name for text_ in others for name in json.loads(text_)}
+        covered = sorted(served.intersection(queues))
+        if not covered:
+            return []
+        return [
+            or_(
+                jobs.c.avoid_release.is_(None),
+                jobs.c.avoid_release != release,
+                jobs.c.avoid_until <= db_now(),
+                jobs.c.queue.not_in(covered),
+            )
+        ]
 
     def _fenced(self, job_id: int, lease: int):
         """The row of a job still processing under this lease."""
@@ -427,8 +477,10 @@ class Storage:
 
     def _take_back(self, conn, which, kind: str, why, hold: float) -> list[Requeued]:
         """Requeue the processing jobs matched by `which`: new lease, one more
-        interruption, the attempt given back, claimable from now + `hold`.
-        A job past max_interruptions is failed as poison instead."""
+        interruption, the attempt given back, claimable from now + `hold`,
+        and left by servers of the release it ran on to those of another
+        release until hold + release_window from now (see claim). A job
+        past max_interruptions is failed as poison instead."""
         rows = conn.execute(
             self._for_update(
                 select(jobs.c.id, jobs.c.lease, jobs.c.server_id, jobs.c.interruptions,
@@ -447,10 +499,19 @@ class Storage:
             interruptions=jobs.c.interruptions + 1,
             attempts=jobs.c.attempts - 1,
         )
-        if requeue:
+        releases = self._releases_of(conn, {row.server_id for row in rows if row.id in requeue})
+        by_release: dict[str | None, list[int]] = {}
+        for row in rows:
+            if row.id in requeue:
+                by_release.setdefault(releases.get(row.server_id), []).append(row.id)
+        for release, ids in by_release.items():  # one release, nearly always
             conn.execute(
-                update(jobs).where(jobs.c.id.in_(requeue))
-                .values(state="enqueued", server_id=None, run_at=db_now() + hold, **common)
+                update(jobs).where(jobs.c.id.in_(ids))
+                .values(
+                    state="enqueued", server_id=None, run_at=db_now() + hold, **common,
+                    avoid_release=release,
+                    avoid_until=None if release is None else db_now() + hold + self.release_window,
+                )
             )
         if poison:
             conn.execute(
@@ -471,6 +532,14 @@ class Storage:
             ],
         )
         return taken
+
+    def _releases_of(self, conn, server_ids) -> dict[str, str | None]:
+        """{server id: release} of these servers (a plain read: the rows of
+        live servers are not locked by a take-back)."""
+        ids = [sid for sid in server_ids if sid is not None]
+        if not ids:
+            return {}
+        return dict(conn.execute(select(servers.c.id, servers.c.release).where(servers.c.id.in_(ids))).all())
 
     def handoff(self, server_ids, hold: float, reason: str) -> list[Requeued]:
         """Step one of a graceful stop, in ONE transaction: the server(s)

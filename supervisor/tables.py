@@ -60,6 +60,12 @@ jobs = Table(
     Column("created_at", Epoch, nullable=False),
     Column("started_at", Epoch),
     Column("finished_at", Epoch),
+    # Added by revision 0004. The release of the server this job was last
+    # taken back from (handoff, reap, HandOff), and until when servers of
+    # that release leave it to a live server of another release; NULL when
+    # that server had no release. A 0.1.0 server neither writes nor reads them.
+    Column("avoid_release", String(200)),
+    Column("avoid_until", Epoch),
     sqlite_autoincrement=True,  # never reuse the id of a deleted job
 )
 # Claims read only the `enqueued` slice of this index, in claim order, so

@@ -169,3 +169,19 @@ def finish_after(record_dir, seconds):
     job = _start(record_dir)
     time.sleep(seconds)
     _log(record_dir, f"job-{job.id}.done", str(os.getpid()))
+
+
+def steps_until_told(record_dir, step_seconds=0.1):
+    """CPU-bound steps, checkpointing after each and resuming where the
+    checkpoint says, until the file `finish` appears in `record_dir`: a job
+    that is surely still running while a test deploys around it. Each
+    step is recorded as "<step> <pid>" in job-N.steps."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    job = _start(record_dir)
+    step = (job.checkpoint_data or {"step": 0})["step"]
+    while not (Path(record_dir) / "finish").exists():
+        step += 1
+        _log(record_dir, f"job-{job.id}.steps", f"{step} {os.getpid()}")
+        _burn(step_seconds)
+        job.checkpoint({"step": step})
+    _log(record_dir, f"job-{job.id}.done", str(os.getpid()))

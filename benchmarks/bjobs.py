@@ -52,3 +52,25 @@ def _alive(pid):
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def steps(record_dir, count=150, step_seconds=0.2):
+    """A long checkpointing CPU-bound job: `count` steps of busy work,
+    checkpointing after each and resuming after the last one saved; ignores
+    SIGTERM. Each run appends "<clock> <pid> <overlap>" to job-N.runs (as
+    spin does), each step "<step> <pid>" to job-N.steps, so the work redone
+    is read from the job's own records."""
+    from supervisor import current_job
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    job = current_job()
+    runs = os.path.join(record_dir, f"job-{job.id}.runs")
+    earlier = [int(line.split()[1]) for line in _read(runs)]
+    _append(runs, f"{clock():.6f} {os.getpid()} {int(any(_alive(pid) for pid in earlier))}")
+    first = (job.checkpoint_data or {"step": 0})["step"] + 1
+    for step in range(first, count + 1):
+        _append(os.path.join(record_dir, f"job-{job.id}.steps"), f"{step} {os.getpid()}")
+        end = time.monotonic() + step_seconds
+        while time.monotonic() < end:
+            pass
+        job.checkpoint({"step": step})

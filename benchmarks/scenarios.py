@@ -269,3 +269,83 @@ def footprint(kind, workdir, seconds=5.0):
            "idle_supervisor_rss_mib": round(idle_rss / mib, 1),
            "child_rss_mib": round(child_mem.rss / mib, 1), "child_uss_mib": round(child_mem.uss / mib, 1),
            "job_process_rss_mib": round(job_mem.rss / mib, 1), "job_process_uss_mib": round(job_mem.uss / mib, 1)}
+
+
+# --- 7. rolling deploy ------------------------------------------------------------------
+
+
+def _roll_once(kind, workdir, tag, releases, servers, concurrency, n_jobs, job_steps, step_seconds, apart):
+    """One rolling deploy: `servers` old servers run `n_jobs` long
+    checkpointing jobs; each is replaced in turn (start a new server, wait
+    until it is registered as a readiness probe would, SIGTERM an old one,
+    `apart` seconds between steps). Returns what the jobs recorded."""
+    url = fresh_database(kind, workdir)
+    records = workdir / f"roll-{tag}"
+    records.mkdir()
+    old_release, new_release = ("r1", "r2") if releases else (None, None)
+
+    def settings(release):
+        return {"concurrency": concurrency, **({"release": release} if release else {})}
+
+    started = []
+    with Queue(url) as queue:
+        try:
+            old = [Supervisor(url, workdir, f"{tag}-old-{i}", server=settings(old_release)) for i in range(servers)]
+            started += old
+            for sup in old:
+                sup.wait_registered(queue)
+            began = clock()
+            ids = [queue.enqueue("benchmarks.bjobs:steps", [str(records), job_steps, step_seconds]).id
+                   for _ in range(n_jobs)]
+            wait_until(lambda: all((records / f"job-{i}.runs").exists() for i in ids), 60, 0.01)
+            deploy_began = clock()
+            for i, sup in enumerate(old):
+                new = Supervisor(url, workdir, f"{tag}-new-{i}", server=settings(new_release))
+                started.append(new)
+                new.wait_registered(queue)
+                sup.kill(signal.SIGTERM)
+                if i < len(old) - 1:
+                    time.sleep(apart)  # the deploy's pace, not synchronisation
+            deploy_ended = clock()
+            wait_until(lambda: queue.counts()["succeeded"] == n_jobs, 600, 0.05)
+            finished = clock()
+            interruptions = [queue.get(i).interruptions for i in ids]
+        finally:
+            for sup in started:
+                sup.destroy()
+    runs = {i: read_marker(records / f"job-{i}.runs") for i in ids}
+    steps = {i: [line.split()[0] for line in (records / f"job-{i}.steps").read_text().splitlines()] for i in ids}
+    return {
+        "interruptions": interruptions,
+        "runs": [len(runs[i]) for i in ids],
+        "overlaps": sum(flag for i in ids for _, _, flag in runs[i]),
+        "steps_redone": sum(len(steps[i]) - len(set(steps[i])) for i in ids),
+        "deploy_s": deploy_ended - deploy_began,
+        "all_finished_s": finished - began,
+    }
+
+
+def rolling_deploy(kind, workdir, runs=3, servers=4, concurrency=3, n_jobs=8, job_steps=150,
+                   step_seconds=0.2, apart=2.0):
+    """Issue 14: a rolling deploy of `servers` servers, before (no release
+    set anywhere) and after (old servers r1, new ones r2)."""
+    for releases in (False, True):
+        results = [
+            _roll_once(kind, workdir, f"{kind}-{int(releases)}-{run}", releases, servers, concurrency,
+                       n_jobs, job_steps, step_seconds, apart)
+            for run in range(runs)
+        ]
+        every = [n for r in results for n in r["interruptions"]]
+        yield {
+            "measurement": "rolling_deploy", "db": kind, "releases": releases,
+            "servers": servers, "concurrency": concurrency, "jobs": n_jobs,
+            "job_seconds": round(job_steps * step_seconds, 1), "runs": runs,
+            "interruptions_max": max(every), "interruptions_mean": round(statistics.mean(every), 3),
+            "jobs_interrupted_twice_or_more": sum(1 for n in every if n >= 2),
+            "runs_seen_by_jobs_max": max(n for r in results for n in r["runs"]),
+            "steps_redone_per_deploy": [r["steps_redone"] for r in results],
+            "all_finished_s": [round(r["all_finished_s"], 1) for r in results],
+            "deploy_s": [round(r["deploy_s"], 1) for r in results],
+            "overlapping_runs": sum(r["overlaps"] for r in results),
+            "per_run_interruptions": [r["interruptions"] for r in results],
+        }

@@ -22,6 +22,7 @@ def test_the_quick_benchmarks_run_and_print_one_json_line_per_measurement():
     measured = {(r["measurement"], r["db"]) for r in results}
     for db in ("sqlite", "postgresql"):
         for name in ("handoff_commit", "takeover", "crash_recovery", "throughput",
-                     "claim_latency_vs_finished_jobs", "enqueue_rate", "idle_statements_per_second", "footprint"):
+                     "claim_latency_vs_finished_jobs", "enqueue_rate", "idle_statements_per_second", "footprint",
+                     "rolling_deploy"):
             assert (name, db) in measured
     assert all(r["overlapping_runs"] == 0 for r in results if "overlapping_runs" in r)

@@ -22,7 +22,9 @@ SERVER_URLS = {
     "postgresql": os.environ.get("SHIFTCHANGE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
     "mariadb": os.environ.get("SHIFTCHANGE_BENCH_MYSQL_URL", "mysql://root@127.0.0.1:3306/test"),
 }
-BENCH_DB = "shiftchange_bench"
+# Another name lets two benchmark runs share one server without dropping
+# each other's database.
+BENCH_DB = os.environ.get("SHIFTCHANGE_BENCH_DB", "shiftchange_bench")
 BASE_SETTINGS = {
     "server": {"heartbeat_interval": "1s", "dead_after": "10s", "poll_interval": "200ms"},
     "shutdown": {"kill_after": "0s"},

@@ -60,8 +60,7 @@ def open_queue(config_path, create: bool = False):
     when there is no schema."""
     from supervisor.queue import Queue
 
-    config = load_config(config_path)
-    return Queue(config.database.url, defaults=config, create=create)
+    return Queue.from_config(config_path, create=create)
 
 
 def print_json(data) -> None:
@@ -97,9 +96,9 @@ def run(
 # --- producing ------------------------------------------------------------------------
 
 
-def parse_when(text: str) -> tuple[float | None, float]:
+def parse_when(text: str) -> tuple[datetime | None, float]:
     """--at: an ISO 8601 time (UTC unless it says otherwise) or a delay such
-    as +10m. Returns (epoch or None, delay seconds)."""
+    as +10m. Returns (a time or None, delay seconds)."""
     if text.startswith("+"):
         try:
             return None, parse_duration(text[1:])
@@ -111,7 +110,7 @@ def parse_when(text: str) -> tuple[float | None, float]:
         raise ConfigError(f"--at {text!r} is neither an ISO 8601 time nor a delay like +10m") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp(), 0.0
+    return moment, 0.0
 
 
 def parse_json_option(text: str | None, option: str, kind: type):
@@ -140,30 +139,21 @@ def enqueue(
     config: ConfigOption = None,
 ):
     """Enqueue a job; prints its id alone on stdout."""
-    from supervisor.storage import new_job
-
     if not command and len(target) != 1:
         raise ConfigError("give exactly one TARGET (or use --command -- ARGV...)")
     if command and (args or kwargs):
         raise ConfigError("--args and --kwargs do not apply to --command jobs; put arguments in ARGV")
     run_at, delay = parse_when(at) if at else (None, 0.0)
     q = open_queue(config, create=True)
-    spec = new_job(
-        None if command else target[0],
-        parse_json_option(args, "--args", list) or [],
-        parse_json_option(kwargs, "--kwargs", dict),
-        command=list(target) if command else None,
-        queue=queue,
-        priority=priority,
-        max_attempts=max_attempts or q.config.jobs.max_attempts,
-        max_interruptions=q.config.jobs.max_interruptions,
-        run_at=run_at,
-        delay=delay,
-    )
-    (job_id,) = q.storage.enqueue(spec)
-    if not any(queue in s.queues for s in q.storage.servers(states=("running",))):
+    options = dict(queue=queue, priority=priority, max_attempts=max_attempts, run_at=run_at, delay=delay)
+    if command:
+        job = q.enqueue_command(list(target), **options)
+    else:
+        job = q.enqueue(target[0], parse_json_option(args, "--args", list) or [],
+                        parse_json_option(kwargs, "--kwargs", dict), **options)
+    if not q.served(queue):
         typer.echo(f"shiftchange: note: no running server serves queue {queue!r} yet; the job waits for one", err=True)
-    typer.echo(job_id)
+    typer.echo(job.id)
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -306,10 +296,7 @@ def handoff(
 
     Requeues the servers' in-flight jobs in one transaction, then stops their
     supervisors that run on this host."""
-    from supervisor.handoff import hand_off
-
-    q = open_queue(config)
-    reports = hand_off(q.storage, server, timeout)
+    reports = open_queue(config).hand_off(server, timeout)
     if json_:
         print_json(reports)
         return
@@ -347,7 +334,7 @@ def quiet(
 @reports_errors
 def reap(config: ConfigOption = None, json_: JsonOption = False):
     """One pass of dead-server detection: requeue the jobs of servers whose heartbeat stopped."""
-    taken = open_queue(config).storage.reap()
+    taken = open_queue(config).reap()
     if json_:
         print_json({"requeued": [t.id for t in taken if not t.failed], "failed": [t.id for t in taken if t.failed]})
         return

@@ -480,17 +480,17 @@ class Storage:
     def get(self, job_id: int) -> Job:
         """One job with its event history, or JobNotFound."""
         with self._read() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            row = conn.execute(_with_server_name(jobs).where(jobs.c.id == job_id)).first()
             if row is None:
                 raise JobNotFound(f"no job with id {job_id}")
             history = conn.execute(
-                select(events).where(events.c.job_id == job_id).order_by(events.c.id)
+                _with_server_name(events).where(events.c.job_id == job_id).order_by(events.c.id)
             ).all()
-        return Job.from_row(row, [Event(e.at, e.kind, e.server_id, e.detail) for e in history])
+        return Job.from_row(row, [Event(e.at, e.kind, e.server_id, e.detail, e.server_name) for e in history])
 
     def jobs(self, state: str | None = None, queue: str | None = None, limit: int = 100) -> list[Job]:
         """Jobs, newest first, optionally of one state and queue."""
-        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        query = _with_server_name(jobs).order_by(jobs.c.id.desc()).limit(limit)
         if state is not None:
             query = query.where(jobs.c.state == state)
         if queue is not None:
@@ -594,6 +594,14 @@ class Storage:
             removed += len(ids)
             if len(ids) < batch:
                 return removed
+
+
+def _with_server_name(table):
+    """SELECT a table's rows with the name of the server their server_id
+    names (people read names; ids stay for scripts)."""
+    return select(table, servers.c.name.label("server_name")).select_from(
+        table.outerjoin(servers, servers.c.id == table.c.server_id)
+    )
 
 
 def _due(queues):

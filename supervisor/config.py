@@ -19,7 +19,8 @@ import yaml
 
 from supervisor.database import mask_url
 from supervisor.errors import ConfigError
-from supervisor.storage import QUEUE_NAME, RELEASE_WINDOW_S
+from supervisor.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_INTERRUPTIONS, check_queue_name
+from supervisor.storage import RELEASE_WINDOW_S
 
 DEFAULT_FILE = "shiftchange.yaml"
 ENV_FILE = "SHIFTCHANGE_CONFIG"
@@ -129,8 +130,7 @@ def parse_queues(value) -> tuple[str, ...]:
     if not queues:
         raise ValueError("a server must serve at least one queue")
     for name in queues:
-        if not QUEUE_NAME.match(name):
-            raise ValueError(f"queue name {name!r} is not valid: 1-200 of letters, digits and _ . : @ / -")
+        check_queue_name(name)
     return queues
 
 
@@ -173,8 +173,8 @@ class ShutdownConfig:
 class JobsConfig:
     allow: tuple[str, ...] = ()
     allow_commands: tuple[str, ...] = ()
-    max_attempts: int = 3
-    max_interruptions: int = 10
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS
     retry_backoff: float = 10.0
     keep_finished: float = 7 * 86400.0
     memory_limit: int | None = None  # bytes per job's process tree

@@ -400,7 +400,11 @@ class Storage:
             interruptions=jobs.c.interruptions + 1,
             attempts=jobs.c.attempts - 1,
         )
-        releases = self._releases_of(conn, {row.server_id for row in rows if row.id in requeue})
+        # A zero window records no preference at all (the job moves at once
+        # when its hold is released early, as before releases existed).
+        releases = {}
+        if self.release_window > 0:
+            releases = self._releases_of(conn, {row.server_id for row in rows if row.id in requeue})
         by_release: dict[str | None, list[int]] = {}
         for row in rows:
             if row.id in requeue:

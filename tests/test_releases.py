@@ -128,12 +128,13 @@ def test_after_the_window_any_server_takes_it(queue):
     assert claim(queue, old_2, "r1") == [job_id]
 
 
-def test_a_zero_window_leaves_nothing_to_others(db_url):
+def test_a_zero_window_switches_the_preference_off(db_url):
     with Queue(db_url) as queue:
         queue.storage = Storage(queue.engine, release_window=0.0)
         job_id = handed_off_by(queue, "old-1", "r1")
         old_2 = register(queue, "old-2", "r1")
         register(queue, "new-1", "r2")
+        assert avoid(queue, job_id) == (None, None)  # switched off: no preference recorded
         assert claim(queue, old_2, "r1") == [job_id]
 
 

@@ -3,7 +3,7 @@
 from datetime import datetime
 
 from supervisor.config import Config, load_config
-from supervisor.database import ensure_schema, make_engine
+from supervisor.database import command_bounds, ensure_schema, make_engine
 from supervisor.records import JOB_STATES, Job, Server
 from supervisor.storage import Storage, new_job
 
@@ -18,7 +18,8 @@ class Queue:
 
     def __init__(self, url: str, *, defaults: Config | None = None):
         self.config = defaults or Config()
-        self.engine = make_engine(url, pre_ping=True)
+        server = self.config.server
+        self.engine = make_engine(url, pre_ping=True, bounds=command_bounds(server.heartbeat_interval, server.dead_after))
         ensure_schema(self.engine)
         self.storage = Storage(self.engine)
 

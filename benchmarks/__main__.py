@@ -20,6 +20,7 @@ FULL = {
     "throughput": lambda db, wd: [*scenarios.throughput(db, wd), *scenarios.throughput(db, wd, job="sleep10ms", n_jobs=1000)],
     "scale": lambda db, wd: [*scenarios.claim_at_scale(db, wd), *scenarios.enqueue_rate(db, wd), *scenarios.idle_statements(db, wd)],
     "footprint": lambda db, wd: scenarios.footprint(db, wd),
+    "partition": lambda db, wd: scenarios.partition(db, wd),
 }
 QUICK = {
     "handoff": lambda db, wd: scenarios.handoff_commit(db, wd, in_flight=(1, 4), runs=2),
@@ -31,6 +32,8 @@ QUICK = {
                              *scenarios.enqueue_rate(db, wd, producers=2, per_producer=50),
                              *scenarios.idle_statements(db, wd, seconds=2.0)],
     "footprint": lambda db, wd: scenarios.footprint(db, wd, seconds=1.0),
+    "partition": lambda db, wd: scenarios.partition(db, wd, runs=1, settings={
+        "fast (heartbeat 500ms, dead_after 3s)": {"heartbeat_interval": "500ms", "dead_after": "3s"}}),
 }
 
 

@@ -383,8 +383,8 @@ class Supervisor:
         Kill the children at once; their jobs belong to others now."""
         self.kill_all(f"server is {state}")
         if state in ("dead", None):
-            event("server %s was declared dead while it could not reach the database (its jobs "
-                  "went to other servers): registering anew", self.server_id,
+            event("server %s was declared dead: its heartbeat was older than dead_after (a partition "
+                  "or an outage?) and other servers took its jobs; registering anew", self.server_id,
                   level=logging.WARNING, event="declared_dead", server=self.server_id)
         if state in ("stopping", "stopped"):
             event("server %s was handed off from outside (state %s): exiting", self.server_id, state,

@@ -32,8 +32,6 @@ QUICK = {
                              *scenarios.enqueue_rate(db, wd, producers=2, per_producer=50),
                              *scenarios.idle_statements(db, wd, seconds=2.0)],
     "footprint": lambda db, wd: scenarios.footprint(db, wd, seconds=1.0),
-    "partition": lambda db, wd: scenarios.partition(db, wd, runs=1, settings={
-        "fast (heartbeat 500ms, dead_after 3s)": {"heartbeat_interval": "500ms", "dead_after": "3s"}}),
 }
 
 
@@ -42,13 +40,13 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=["run"])
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     parser.add_argument("--db", default="sqlite,postgresql", help="comma-separated: sqlite,postgresql,mariadb")
-    parser.add_argument("--only", default=",".join(FULL), help="comma-separated: " + ",".join(FULL))
+    parser.add_argument("--only", help="comma-separated: " + ",".join(FULL) + " (--quick: all but partition)")
     parser.add_argument("--peers", action="store_true", help="also run Celery, RQ and procrastinate")
     options = parser.parse_args(argv)
     table = QUICK if options.quick else FULL
     workdir = temp_workdir()
     try:
-        for name in options.only.split(","):
+        for name in (options.only or ",".join(table)).split(","):
             for db in options.db.split(","):
                 for result in table[name](db, workdir):
                     print(json.dumps(result), flush=True)

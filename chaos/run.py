@@ -180,12 +180,13 @@ class Chaos:
     # --- database faults ---------------------------------------------------------------
 
     def database_faults(self, stop: threading.Event) -> None:
-        """Once a restart, once a network partition of one supervisor and
-        once an outage, each longer than dead_after, at a third, a half and
-        two thirds of the run."""
+        """Once a restart, once a network partition of one supervisor
+        (PostgreSQL) and once an outage, each longer than dead_after, at a
+        third, a half and two thirds of the run."""
         began = time.monotonic()
-        faults = ((self.seconds / 3, self.db_restart), (self.seconds / 2, self.db_black_hole),
-                  (2 * self.seconds / 3, self.db_outage))
+        faults = [(self.seconds / 3, self.db_restart), (2 * self.seconds / 3, self.db_outage)]
+        if self.relay is not None:
+            faults.insert(1, (self.seconds / 2, self.db_black_hole))
         for at, fault in faults:
             if stop.wait(max(0.0, began + at - time.monotonic())):
                 return
@@ -224,8 +225,6 @@ class Chaos:
         """The relayed supervisor's traffic goes nowhere for longer than
         dead_after: nothing is refused or closed, nothing answers. It must
         fence its jobs, obey signals meanwhile, and register anew after."""
-        if self.relay is None:
-            return {"fault": "black_hole", "skipped": "only PostgreSQL runs through a relay"}
         hold = DEAD_AFTER + self.rng.uniform(1.0, 3.0)
         self.relay.black_hole()
         time.sleep(hold)

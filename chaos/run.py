@@ -17,6 +17,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 from chaos import checks
 from chaos.cluster import (
     DEAD_AFTER,
@@ -30,6 +32,7 @@ from chaos.cluster import (
     pg_ready,
     write_config,
 )
+from chaos.relay import Relay
 from supervisor.database import SQLITE_BUSY_TIMEOUT_S, ensure_schema, make_engine
 from supervisor.jobspec import new_job
 from supervisor.storage import Storage
@@ -79,6 +82,7 @@ class Chaos:
         self.log = open(run_dir / "chaos.log", "a")
         self.watcher = TreeWatcher().start()
         self.sups: list[Supervisor] = []
+        self.relay: Relay | None = None  # the first supervisor's path to PostgreSQL
 
     def note(self, message: str) -> None:
         self.log.write(f"{time.monotonic():.3f} {message}\n")
@@ -94,6 +98,13 @@ class Chaos:
         self.storage = Storage(engine)
         self.config = write_config(self.run_dir / "chaos.yaml", self.url)
         self.sups = [Supervisor(name, self.config, self.run_dir, self.watcher) for name in NAMES]
+        if self.db == "postgresql":
+            # The first supervisor reaches the database through a relay that
+            # can black-hole its traffic (a network partition).
+            url = make_url(self.url)
+            self.relay = Relay(url.host, url.port)
+            relayed = url.set(port=self.relay.port).render_as_string(hide_password=False)
+            self.sups[0].config = write_config(self.run_dir / "chaos-relayed.yaml", relayed)
         for sup in self.sups:
             sup.start()
         planned = plan_jobs(self.rng, self.job_count, self.records)
@@ -170,10 +181,14 @@ class Chaos:
     # --- database faults ---------------------------------------------------------------
 
     def database_faults(self, stop: threading.Event) -> None:
-        """Once a restart, once an outage longer than dead_after, at a
-        third and two thirds of the run."""
+        """Once a restart, once a network partition of one supervisor
+        (PostgreSQL) and once an outage, each longer than dead_after, at a
+        third, a half and two thirds of the run."""
         began = time.monotonic()
-        for at, fault in ((self.seconds / 3, self.db_restart), (2 * self.seconds / 3, self.db_outage)):
+        faults = [(self.seconds / 3, self.db_restart), (2 * self.seconds / 3, self.db_outage)]
+        if self.relay is not None:
+            faults.insert(1, (self.seconds / 2, self.db_black_hole))
+        for at, fault in faults:
             if stop.wait(max(0.0, began + at - time.monotonic())):
                 return
             started = time.monotonic()
@@ -206,6 +221,16 @@ class Chaos:
             return {"fault": "outage", "was_down": down, "ready": ensure_pg_running()}
         # Held past the busy timeout, so calls fail with "database is locked".
         return self._sqlite_lock("outage", SQLITE_BUSY_TIMEOUT_S + hold)
+
+    def db_black_hole(self) -> dict:
+        """The relayed supervisor's traffic goes nowhere for longer than
+        dead_after: nothing is refused or closed, nothing answers. It must
+        fence its jobs, obey signals meanwhile, and register anew after."""
+        hold = DEAD_AFTER + self.rng.uniform(1.0, 3.0)
+        self.relay.black_hole()
+        time.sleep(hold)
+        self.relay.heal()
+        return {"fault": "black_hole", "supervisor": self.sups[0].name, "held": round(hold, 2)}
 
     def _sqlite_lock(self, name: str, hold: float) -> dict:
         conn = sqlite3.connect(self.url.removeprefix("sqlite:///"), timeout=30, isolation_level=None)
@@ -300,6 +325,8 @@ class Chaos:
                 sup.kill_tree()
                 sup.wait(5)
         self.watcher.stop()
+        if self.relay is not None:
+            self.relay.close()
         for (pid, created), _ in list(self.watcher.seen.items()):
             if checks.alive(pid, created):
                 try:

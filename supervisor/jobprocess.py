@@ -56,14 +56,17 @@ class Assignment:
     database_url: str
     allow: AllowList
     nice: int = 0  # added to the job process's niceness
+    database_bounds: object = None  # database.Bounds; None: the defaults
 
 
-def open_storage(url: str):
-    """A fresh connection for this process; never reuse the parent's."""
-    from supervisor.database import make_engine
+def open_storage(url: str, bounds=None):
+    """A fresh connection for this process; never reuse the parent's. Its
+    calls are bounded like the supervisor's: a checkpoint during a network
+    partition fails instead of hanging."""
+    from supervisor.database import DEFAULT_BOUNDS, make_engine
     from supervisor.storage import Storage
 
-    return Storage(make_engine(url))
+    return Storage(make_engine(url, bounds=bounds or DEFAULT_BOUNDS))
 
 
 def send(fd: int, **message) -> None:
@@ -214,7 +217,7 @@ class Child:
             _signal(self.job_pid, signal.SIGKILL)
             return
         if self.storage is None:
-            self.storage = open_storage(self.assignment.database_url)
+            self.storage = open_storage(self.assignment.database_url, self.assignment.database_bounds)
         try:
             saved = self.storage.checkpoint(job.id, job.lease, self.assignment.server_id, line.decode())
         except StorageUnavailable as exc:
@@ -288,7 +291,7 @@ def run_callable(assignment: Assignment, results: int, stop_notices: int, close:
     job = assignment.job
     set_title(f"shiftchange: job {job.id} {job.target}")
     context = jobcontext.JobContext(
-        job, job.lease, assignment.server_id, lambda: open_storage(assignment.database_url)
+        job, job.lease, assignment.server_id, lambda: open_storage(assignment.database_url, assignment.database_bounds)
     )
     threading.Thread(target=_watch_stop_notices, args=(stop_notices, context), daemon=True).start()
     jobcontext._enter(context)

@@ -16,8 +16,8 @@ import socket
 from supervisor import systemd
 from supervisor.children import RunningJob, spawn
 from supervisor.config import Config
-from supervisor.database import ensure_schema, make_engine
-from supervisor.errors import EXIT_OK, StorageUnavailable
+from supervisor.database import bounds_for, ensure_schema, make_engine
+from supervisor.errors import EXIT_OK, StorageRefused, StorageUnavailable
 from supervisor.jobprocess import Assignment
 from supervisor.logs import event
 from supervisor.processes import (
@@ -47,6 +47,7 @@ MAX_BACKOFF_S = 5.0
 class Supervisor:
     def __init__(self, config: Config):
         self.config = config
+        self.db_bounds = bounds_for(config.server.heartbeat_interval, config.server.dead_after)
         self.allow = AllowList(config.jobs.allow, config.jobs.allow_commands)
         self.storage: Storage | None = None
         self.server_id: str | None = None
@@ -105,7 +106,10 @@ class Supervisor:
         """Sleep until a signal, a child's message, news of claimable jobs,
         or `timeout` seconds."""
         fds = [self.wakeup_r, *(child.results for child in self.running.values())]
-        listening = self.wakeups.fileno() if self.wakeups and self.claiming else None
+        # No new LISTEN connection while heartbeats fail: each attempt on a
+        # dead network would hold the loop for the connect timeout.
+        healthy = self.beat_failing_since is None
+        listening = self.wakeups.fileno() if self.wakeups and self.claiming and healthy else None
         if listening is not None:
             fds.append(listening)
         try:
@@ -126,10 +130,11 @@ class Supervisor:
     def start(self) -> bool:
         """Connect (retrying with backoff), create the schema on an empty
         database, reap our own dead previous incarnation, register. False
-        when a stop signal came first."""
+        when a stop signal came first. An error that retrying cannot fix
+        (no such database, authentication failed) is raised at once."""
         give_up_at = clock() + self.config.database.retry_for
         delay = 0.2
-        engine = make_engine(self.config.database.url)
+        engine = make_engine(self.config.database.url, bounds=self.db_bounds)
         while True:
             try:
                 ensure_schema(engine)
@@ -138,6 +143,8 @@ class Supervisor:
                 self._reap_previous_incarnation()
                 self._register()
                 return True
+            except StorageRefused:
+                raise
             except StorageUnavailable as exc:
                 if clock() + delay > give_up_at:
                     raise StorageUnavailable(
@@ -245,6 +252,8 @@ class Supervisor:
         self.next_claim = clock() + self.config.server.poll_interval
         if free <= 0 or clock() > self.fence_deadline() - self.config.server.heartbeat_interval:
             return  # a job started now would be fenced before the next heartbeat
+        if self.beat_failing_since is not None:
+            return  # the database is failing us: another call would only wait too
         # A few at a time: a fork under a full CPU load can take 100 ms, and
         # signals and heartbeats must not wait for dozens of them.
         batch = min(free, CLAIM_BATCH)
@@ -271,7 +280,8 @@ class Supervisor:
             self.pending.append((job, "refused", str(exc)))
             self.record_pending()
             return
-        assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice)
+        assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice,
+                                self.db_bounds)
         child = spawn(assignment, self.fence_deadline())
         self.running[child.pid] = child
         event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,
@@ -429,6 +439,10 @@ class Supervisor:
         """Someone decided this server is finished (or we fenced ourselves).
         Kill the children at once; their jobs belong to others now."""
         self.kill_all(f"server is {state}")
+        if state in ("dead", None):
+            event("server %s was declared dead: its heartbeat was older than dead_after (a partition "
+                  "or an outage?) and other servers took its jobs; registering anew", self.server_id,
+                  level=logging.WARNING, event="declared_dead", server=self.server_id)
         if state in ("stopping", "stopped"):
             event("server %s was handed off from outside (state %s): exiting", self.server_id, state,
                   level=logging.WARNING, event="handed_off", server=self.server_id)

@@ -87,8 +87,9 @@ def test_postgres_urls_as_platforms_give_them_are_postgresql(tmp_path):
     engine = make_engine(url.render_as_string(hide_password=False))
     assert engine.dialect.name == "postgresql"
     engine.dispose()
-    ran, _ = shiftchange("status", "--json", cwd=tmp_path, url=url.render_as_string(hide_password=False))
-    assert ran.returncode == 0, ran.stderr
+    for command in (["db", "upgrade"], ["status", "--json"]):
+        ran, _ = shiftchange(*command, cwd=tmp_path, url=url.render_as_string(hide_password=False))
+        assert ran.returncode == 0, (command, ran.stderr)
 
 
 # --- classification and bounds, without a process -----------------------------------

@@ -1,5 +1,6 @@
 """What job code sees of shiftchange: `from supervisor import current_job`."""
 
+import asyncio
 import threading
 import time
 
@@ -26,6 +27,8 @@ class JobContext:
         self._open_storage = open_storage
         self._storage = None
         self._stopping = threading.Event()
+        self._async_waiters: set = set()  # (loop, future) of wait_stopping_async calls
+        self._lock = threading.Lock()
 
     def checkpoint(self, data) -> None:
         """Save `data` (JSON-serialisable) as this job's progress. A resumed
@@ -44,6 +47,12 @@ class JobContext:
                 "its checkpoint was not saved"
             )
         self.checkpoint_data = data
+
+    async def checkpoint_async(self, data) -> None:
+        """checkpoint() for coroutines: the database round trip (and its
+        retries) runs in a thread, so the event loop keeps serving the
+        job's other tasks meanwhile. Same errors as checkpoint()."""
+        await asyncio.to_thread(self.checkpoint, data)
 
     def _save(self, text: str) -> bool:
         """The lease-fenced write, retried while the database is briefly
@@ -70,8 +79,42 @@ class JobContext:
         `stopping`."""
         return self._stopping.wait(timeout)
 
+    async def wait_stopping_async(self, timeout: float | None = None) -> bool:
+        """wait_stopping() for coroutines: await the stop notice (or
+        `timeout`) without blocking the event loop; returns `stopping`."""
+        if self._stopping.is_set():
+            return True
+        waiter = (asyncio.get_running_loop(), asyncio.get_running_loop().create_future())
+        with self._lock:
+            self._async_waiters.add(waiter)
+        if self._stopping.is_set():  # the notice came while we registered
+            _wake(*waiter)
+        try:
+            await asyncio.wait([waiter[1]], timeout=timeout)
+        finally:
+            with self._lock:
+                self._async_waiters.discard(waiter)
+        return self.stopping
+
     def _notice_stop(self) -> None:
+        """Called from the thread that reads stop notices."""
         self._stopping.set()
+        with self._lock:
+            waiters = list(self._async_waiters)
+        for waiter in waiters:
+            _wake(*waiter)
+
+
+def _wake(loop, future) -> None:
+    """Resolve a wait_stopping_async future from any thread."""
+    def resolve():
+        if not future.done():
+            future.set_result(True)
+
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:
+        pass  # the loop is closed: nobody waits any more
 
 
 def current_job() -> JobContext:

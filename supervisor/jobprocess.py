@@ -17,6 +17,8 @@ Messages to the supervisor are JSON lines on the results pipe.
 The lifeline carries `S` (stop notice) and `R<deadline>` (renewal) lines.
 """
 
+import asyncio
+import inspect
 import json
 import os
 import select
@@ -293,11 +295,13 @@ def run_callable(assignment: Assignment, results: int, stop_notices: int, close:
     try:
         assignment.allow.check_callable(job.target)  # again, before any import
         function = resolve_callable(job.target)
-        function(*job.args, **job.kwargs)
+        call_job(function, job.args, job.kwargs)
     except HandOff as exc:
         outcome, error = "handoff", str(exc) or "the job raised HandOff"
     except LeaseLost as exc:
         outcome, error = "lease_lost", str(exc)
+    except WorkNotDone as exc:
+        outcome, error = "failed", str(exc)
     except SystemExit as exc:
         if exc.code not in (None, 0):
             outcome, error = "failed", f"the job called sys.exit({exc.code!r})"
@@ -306,6 +310,37 @@ def run_callable(assignment: Assignment, results: int, stop_notices: int, close:
     _flush_stdio()
     send(results, event="result", outcome=outcome, error=error)
     os._exit(0)
+
+
+class WorkNotDone(Exception):
+    """The job's target returned something that means its work never ran."""
+
+
+def call_job(function, args, kwargs):
+    """Run the job's target to completion; returns its result. A coroutine
+    function (or any call whose result is awaitable) runs in an event loop of
+    its own, one per job; a result that means the work did not happen (a
+    generator's body runs only when iterated) raises WorkNotDone instead of
+    passing for success."""
+    result = function(*args, **kwargs)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_await_all(result))
+    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        raise WorkNotDone(
+            f"the job's target returned {type(result).__name__} {getattr(result, '__qualname__', '')!r} "
+            "instead of running: its body only runs when iterated; do the work in a plain "
+            "function or an `async def` without `yield`"
+        )
+    return result
+
+
+async def _await_all(awaitable):
+    """Await `awaitable`, and whatever awaitable it resolves to in turn (an
+    async function that returns a coroutine has not done its work yet)."""
+    result = await awaitable
+    while inspect.isawaitable(result):
+        result = await result
+    return result
 
 
 def _watch_stop_notices(fd: int, context) -> None:

@@ -39,14 +39,19 @@ class JobContext:
             text = to_json(data, "checkpoint data")
         except Exception as exc:  # InvalidJob, but job code expects TypeError
             raise TypeError(str(exc)) from None
-        if self._storage is None:
-            self._storage = self._open_storage()
         if not self._save(text):
             raise LeaseLost(
                 f"job {self.id} was taken from this run (handed off or reaped); "
                 "its checkpoint was not saved"
             )
         self.checkpoint_data = data
+
+    def _storage_for_run(self):
+        """This run's own connection, opened on first use: checkpoints and
+        the outcome its process records at the end go through it."""
+        if self._storage is None:
+            self._storage = self._open_storage()
+        return self._storage
 
     async def checkpoint_async(self, data) -> None:
         """checkpoint() for coroutines: the database round trip (and its
@@ -61,7 +66,7 @@ class JobContext:
         delay, give_up = 0.1, time.monotonic() + CHECKPOINT_RETRY_S
         while True:
             try:
-                return self._storage.checkpoint(self.id, self._lease, self._server_id, text)
+                return self._storage_for_run().checkpoint(self.id, self._lease, self._server_id, text)
             except StorageUnavailable:
                 if time.monotonic() + delay > give_up:
                     raise

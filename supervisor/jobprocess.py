@@ -11,7 +11,12 @@ so that it can always do its three duties, whatever the job's code is doing:
   supervisor is frozen or cannot reach the database), one heartbeat before
   another server could declare that supervisor dead, so a job never runs in
   two places at once;
-- report how the job's process ended.
+- report how the job's process ended, and for a command (whose process
+  cannot) record that outcome in storage itself (see outcomes.py).
+
+A callable's job process records its own outcome before it exits, on the
+connection it keeps for checkpoints, and says so in its result message: a
+frozen, starved or killed supervisor cannot turn a finished run into a rerun.
 
 Messages to the supervisor are JSON lines on the results pipe.
 The lifeline carries `S` (stop notice) and `R<deadline>` (renewal) lines.
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 
 from supervisor import jobcontext
 from supervisor.errors import HandOff, LeaseLost, StorageUnavailable
+from supervisor.outcomes import RECORD_TIMEOUT_S, record_finished_run
 from supervisor.processes import (
     become_subreaper,
     clock,
@@ -57,6 +63,7 @@ class Assignment:
     database_url: str
     allow: AllowList
     nice: int = 0  # added to the job process's niceness
+    retry_backoff: float = 10.0  # jobs.retry_backoff, for recording a failure here
 
 
 def open_storage(url: str):
@@ -113,21 +120,56 @@ class Child:
         job = self.assignment.job
         if job.kind == "command":
             self.notice, job_end = os.pipe()  # checkpoint lines from the command
+            # Why an exec failed; closed by a successful exec (O_CLOEXEC).
+            self.exec_error, exec_error_w = os.pipe2(os.O_CLOEXEC)
             self.job_pid = os.fork()
             if self.job_pid == 0:
-                exec_command(self.assignment, self.results, job_end)
+                exec_command(self.assignment, self.results, job_end, exec_error_w)
+            os.close(exec_error_w)
         else:
             job_end, self.notice = os.pipe()  # stop notices to the job's process
+            # The job's process says here when its code has ended and it is
+            # recording the outcome.
+            self.finishing, finishing_w = os.pipe()
+            os.set_blocking(self.finishing, False)
             self.job_pid = os.fork()
             if self.job_pid == 0:
-                run_callable(self.assignment, self.results, job_end, (self.lifeline, self.notice, self.wakeup))
+                run_callable(self.assignment, self.results, job_end, finishing_w,
+                             (self.lifeline, self.notice, self.wakeup, self.finishing))
+            os.close(finishing_w)
         os.close(job_end)
         ended = self._watch()
         self._clean_up_tree()
         if ended:
-            send(self.results, event="exit", how=describe_status(self.job_status),
-                 code=os.waitstatus_to_exitcode(self.job_status), stop_noticed=self.stop_noticed)
+            how, code = describe_status(self.job_status), os.waitstatus_to_exitcode(self.job_status)
+            send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed,
+                 **self._record_command_end(how, code))
         return 0
+
+    def _record_command_end(self, how: str, code: int) -> dict:
+        """For a command that exited by itself (or by the SIGTERM of our stop
+        notice), record its outcome now, as its job process would for a
+        callable. Deaths by any other signal are left to the supervisor:
+        only it knows whether it killed the job for its memory or a lost
+        lease, or whether its server is stopping."""
+        if self.assignment.job.kind != "command":
+            return {}
+        if code < 0 and not (self.stop_noticed and code == -signal.SIGTERM):
+            return {}
+        exec_error = os.read(self.exec_error, 65536).decode(errors="replace")
+        if exec_error:
+            kind, error = "failed", exec_error
+        else:
+            kind, error = command_outcome(how, code, self.stop_noticed)
+        recorded = record_finished_run(self._kept_storage, self.assignment.job, self.assignment.server_id,
+                                       kind, error, self.assignment.retry_backoff)
+        return {"outcome": kind, "error": error, "recorded": recorded} if recorded else {}
+
+    def _kept_storage(self):
+        """The connection this child keeps for checkpoints and the outcome."""
+        if self.storage is None:
+            self.storage = open_storage(self.assignment.database_url)
+        return self.storage
 
     def _own_signals(self) -> int:
         """Replace the supervisor's handlers: the child outlives SIGTERM to
@@ -152,6 +194,8 @@ class Child:
         while True:
             timeout = self.deadline - clock()
             if timeout <= 0:
+                if self._let_it_record():
+                    return True
                 send(self.results, event="fenced", reason="the supervisor stopped renewing the lease")
                 return False
             try:
@@ -159,7 +203,7 @@ class Child:
             except InterruptedError:
                 ready = []
             if self.lifeline in ready and not self._read_lifeline():
-                return False
+                return self._let_it_record()
             if self.wakeup in ready:
                 os.read(self.wakeup, 4096)
             if self.assignment.job.kind == "command" and self.notice in ready:
@@ -167,6 +211,31 @@ class Child:
                     watched.remove(self.notice)
             if self._reap():
                 return True
+
+    def _let_it_record(self) -> bool:
+        """The supervisor is gone or late: the job must stop. But a job
+        process whose code has already ended runs no more job code; it is
+        making its one lease-fenced write of the outcome. Killing it then
+        would turn a finished run into a rerun, so let it finish (bounded)
+        first. True when it ended by itself."""
+        if self.assignment.job.kind == "command" or not self._job_finishing():
+            return False
+        give_up = clock() + RECORD_TIMEOUT_S + 1.0
+        while not self._reap():
+            if clock() >= give_up:
+                return False
+            try:
+                select.select([self.wakeup], [], [], give_up - clock())  # SIGCHLD wakes us
+                os.read(self.wakeup, 4096)
+            except (InterruptedError, BlockingIOError):
+                pass
+        return True
+
+    def _job_finishing(self) -> bool:
+        try:
+            return bool(os.read(self.finishing, 16))
+        except BlockingIOError:
+            return False
 
     def _read_lifeline(self) -> bool:
         data = os.read(self.lifeline, 4096)
@@ -213,10 +282,8 @@ class Child:
                  error=f"checkpoint written to fd {CHECKPOINT_FD} is not JSON: {line[:200]!r}")
             _signal(self.job_pid, signal.SIGKILL)
             return
-        if self.storage is None:
-            self.storage = open_storage(self.assignment.database_url)
         try:
-            saved = self.storage.checkpoint(job.id, job.lease, self.assignment.server_id, line.decode())
+            saved = self._kept_storage().checkpoint(job.id, job.lease, self.assignment.server_id, line.decode())
         except StorageUnavailable as exc:
             # Skipped, not fatal: the command goes on and its next line may
             # land. If the outage outlasts the lease, the deadline stops it.
@@ -256,6 +323,16 @@ class Child:
                 continue
 
 
+def command_outcome(how: str, code: int, stop_noticed: bool) -> tuple[str, str | None]:
+    """What a command's end means: exit 0 succeeded; EX_TEMPFAIL, or death
+    by SIGTERM after the stop notice, asks for a handoff; anything else failed."""
+    if code == 0:
+        return "succeeded", None
+    if code == HANDOFF_EXIT_CODE or (stop_noticed and code == -signal.SIGTERM):
+        return "handoff", f"the command asked to be handed off ({how})"
+    return "failed", f"the command ended with {how}"
+
+
 def _signal(pid, sig):
     try:
         os.kill(pid, sig)
@@ -280,8 +357,9 @@ def _become_job_process(nice: int):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_callable(assignment: Assignment, results: int, stop_notices: int, close: tuple):
-    """Import and call the job's target; report how it ended. Never returns."""
+def run_callable(assignment: Assignment, results: int, stop_notices: int, finishing: int, close: tuple):
+    """Import and call the job's target; record and report how it ended.
+    Never returns."""
     for fd in close:
         os.close(fd)
     _become_job_process(assignment.nice)
@@ -308,8 +386,27 @@ def run_callable(assignment: Assignment, results: int, stop_notices: int, close:
     except BaseException:
         outcome, error = "failed", traceback.format_exc()
     _flush_stdio()
-    send(results, event="result", outcome=outcome, error=error)
+    recorded = record_outcome_here(context, assignment, outcome, error, finishing)
+    send(results, event="result", outcome=outcome, error=error, recorded=recorded)
     os._exit(0)
+
+
+def record_outcome_here(context, assignment: Assignment, outcome: str, error: str | None,
+                        finishing: int) -> str | None:
+    """The job's code has ended: make its outcome durable from here, before
+    this process exits (see outcomes.py). Meanwhile a stop signal must not
+    cut the write short (the process exits right after anyway), and the
+    child is told, so that it lets the write finish even if the supervisor
+    dies now."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        # Ignored, not blocked: a thread the job started may not block it.
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        os.write(finishing, b"F")
+    except OSError:
+        pass
+    return record_finished_run(context._storage_for_run, assignment.job, assignment.server_id,
+                               outcome, error, assignment.retry_backoff)
 
 
 class WorkNotDone(Exception):
@@ -351,12 +448,16 @@ def _watch_stop_notices(fd: int, context) -> None:
         pass
 
 
-def exec_command(assignment: Assignment, results: int, checkpoint_fd: int):
-    """Replace this process with the job's command. Never returns."""
+def exec_command(assignment: Assignment, results: int, checkpoint_fd: int, exec_error: int):
+    """Replace this process with the job's command. Never returns. If it
+    cannot, the reason goes to `exec_error` (for the child, which records
+    the failure) and to the supervisor."""
     job = assignment.job
     _become_job_process(assignment.nice)
     if results == CHECKPOINT_FD:
         results = os.dup(results)
+    if exec_error == CHECKPOINT_FD:
+        exec_error = os.dup(exec_error)  # close-on-exec, as the original was
     try:
         path = assignment.allow.check_command(job.target)
         os.dup2(checkpoint_fd, CHECKPOINT_FD)
@@ -373,6 +474,10 @@ def exec_command(assignment: Assignment, results: int, checkpoint_fd: int):
         os.execve(path, job.argv, env)
     except BaseException as exc:
         reason = str(exc) if not isinstance(exc, OSError) else f"cannot execute {job.target!r}: {exc.strerror}"
+        try:
+            os.write(exec_error, reason.encode()[:4096])
+        except OSError:
+            pass
         send(results, event="result", outcome="failed", error=reason)
         os._exit(127)
 

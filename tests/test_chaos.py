@@ -54,6 +54,7 @@ def test_chaos_on_postgresql_keeps_every_invariant():
     assert sum(report["states"].values()) == 60
     assert report["states"].get("failed", 0) == report["designed_to_fail"]
     assert sum(report["actions"].values()) >= 5
+    assert report["completions"] >= 60  # every job's code completed at least once, by its own records
     if pg_cluster() is not None:  # the restart and the outage really happened
         assert [f["fault"] for f in report["db_faults"]] == ["restart", "outage"]
         assert all(f.get("ready") for f in report["db_faults"]), report["db_faults"]

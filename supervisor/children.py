@@ -70,9 +70,9 @@ class RunningJob:
         return found[0] if found else None
 
     def recorded(self) -> tuple[str, str | None, str] | None:
-        """(what happened, error text, the job's new state) when the job's
-        process (or, for a command, its child) already recorded the outcome
-        in storage; None when the supervisor must record it. A recorded
+        """(what happened, error text, the job's new state) when the child
+        already recorded the outcome in storage (see outcomes.py); None when
+        the supervisor must record it. A recorded
         outcome stands whatever else the supervisor knows: the write was
         fenced by the run's lease, so when it applied the run still owned
         the job, and the job is no longer `processing`."""

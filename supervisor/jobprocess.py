@@ -11,12 +11,11 @@ so that it can always do its three duties, whatever the job's code is doing:
   supervisor is frozen or cannot reach the database), one heartbeat before
   another server could declare that supervisor dead, so a job never runs in
   two places at once;
-- report how the job's process ended, and for a command (whose process
-  cannot) record that outcome in storage itself (see outcomes.py).
-
-A callable's job process records its own outcome before it exits, on the
-connection it keeps for checkpoints, and says so in its result message: a
-frozen, starved or killed supervisor cannot turn a finished run into a rerun.
+- report how the job's process ended, and record that outcome in storage
+  itself (see outcomes.py): a callable's job process hands its outcome to
+  the child the moment its code ends; for a command, the exit status is the
+  outcome. So a frozen, starved or killed supervisor cannot turn a finished
+  run into a rerun.
 
 Messages to the supervisor are JSON lines on the results pipe.
 The lifeline carries `S` (stop notice) and `R<deadline>` (renewal) lines.
@@ -35,7 +34,7 @@ from dataclasses import dataclass
 
 from supervisor import jobcontext
 from supervisor.errors import HandOff, LeaseLost, StorageUnavailable
-from supervisor.outcomes import RECORD_TIMEOUT_S, record_finished_run
+from supervisor.outcomes import record_finished_run
 from supervisor.processes import (
     become_subreaper,
     clock,
@@ -64,14 +63,24 @@ class Assignment:
     allow: AllowList
     nice: int = 0  # added to the job process's niceness
     retry_backoff: float = 10.0  # jobs.retry_backoff, for recording a failure here
+    # The supervisor's engine, its dialect already set up: reused (with a
+    # pool of its own) by the processes below, which saves each job a new
+    # engine's set-up queries. None: build one from database_url.
+    engine: object = None
 
 
-def open_storage(url: str):
-    """A fresh connection for this process; never reuse the parent's."""
+def open_storage(assignment: Assignment):
+    """Storage on fresh connections of this process; never on the parent's."""
     from supervisor.database import make_engine
     from supervisor.storage import Storage
 
-    return Storage(make_engine(url))
+    engine = assignment.engine
+    if engine is None:
+        return Storage(make_engine(assignment.database_url))
+    # Forget the pooled connections inherited from the supervisor without
+    # closing them (they are its); connections are opened anew from here.
+    engine.dispose(close=False)
+    return Storage(engine)
 
 
 def send(fd: int, **message) -> None:
@@ -106,7 +115,9 @@ class Child:
         self.stop_noticed = False
         self.inbox = b""  # partial lifeline line
         self.checkpoint_lines = b""  # partial checkpoint line from a command
-        self.storage = None  # opened on a command's first checkpoint
+        self.storage = None  # opened on a command's first checkpoint, or for the outcome
+        self.outcome_r = None  # a callable's outcome, sent by its job process
+        self.outcome_data = b""
 
     def run(self) -> int:
         # Leader of its own process group, but in the supervisor's session:
@@ -128,47 +139,73 @@ class Child:
             os.close(exec_error_w)
         else:
             job_end, self.notice = os.pipe()  # stop notices to the job's process
-            # The job's process says here when its code has ended and it is
-            # recording the outcome.
-            self.finishing, finishing_w = os.pipe()
-            os.set_blocking(self.finishing, False)
+            self.outcome_r, outcome_w = os.pipe()  # its outcome, once its code has ended
+            os.set_blocking(self.outcome_r, False)
             self.job_pid = os.fork()
             if self.job_pid == 0:
-                run_callable(self.assignment, self.results, job_end, finishing_w,
-                             (self.lifeline, self.notice, self.wakeup, self.finishing))
-            os.close(finishing_w)
+                run_callable(self.assignment, self.results, job_end, outcome_w,
+                             (self.lifeline, self.notice, self.wakeup, self.outcome_r))
+            os.close(outcome_w)
         os.close(job_end)
         ended = self._watch()
         self._clean_up_tree()
         if ended:
-            how, code = describe_status(self.job_status), os.waitstatus_to_exitcode(self.job_status)
+            status = self.job_status
+            how = describe_status(status) if status is not None else "killed after its code had ended"
+            code = os.waitstatus_to_exitcode(status) if status is not None else None
             send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed,
-                 **self._record_command_end(how, code))
+                 **self._record_outcome(how, code))
         return 0
 
-    def _record_command_end(self, how: str, code: int) -> dict:
-        """For a command that exited by itself (or by the SIGTERM of our stop
-        notice), record its outcome now, as its job process would for a
-        callable. Deaths by any other signal are left to the supervisor:
-        only it knows whether it killed the job for its memory or a lost
-        lease, or whether its server is stopping."""
-        if self.assignment.job.kind != "command":
-            return {}
-        if code < 0 and not (self.stop_noticed and code == -signal.SIGTERM):
-            return {}
-        exec_error = os.read(self.exec_error, 65536).decode(errors="replace")
-        if exec_error:
-            kind, error = "failed", exec_error
+    def _record_outcome(self, how: str, code: int | None) -> dict:
+        """Record how the run ended, from here (see outcomes.py): what a
+        callable's job process said when its code ended, or a command's exit
+        (by itself, or by the SIGTERM of our stop notice). A command's death
+        by any other signal is left to the supervisor: only it knows whether
+        it killed the job for its memory or a lost lease, or whether its
+        server is stopping. Returns what the exit message adds."""
+        if self.assignment.job.kind == "command":
+            if code < 0 and not (self.stop_noticed and code == -signal.SIGTERM):
+                return {}
+            exec_error = os.read(self.exec_error, 65536).decode(errors="replace")
+            kind, error = ("failed", exec_error) if exec_error else command_outcome(how, code, self.stop_noticed)
         else:
-            kind, error = command_outcome(how, code, self.stop_noticed)
+            delivered = self._delivered_outcome()
+            if delivered is None:
+                return {}  # the job's process died before its code ended
+            kind, error = delivered
         recorded = record_finished_run(self._kept_storage, self.assignment.job, self.assignment.server_id,
                                        kind, error, self.assignment.retry_backoff)
         return {"outcome": kind, "error": error, "recorded": recorded} if recorded else {}
 
+    def _read_outcome(self) -> bool:
+        """Take what the job's process has sent of its outcome; False at EOF."""
+        try:
+            data = os.read(self.outcome_r, 1 << 20)
+        except BlockingIOError:
+            return True
+        self.outcome_data += data
+        return bool(data)
+
+    def _delivered_outcome(self) -> tuple[str, str | None] | None:
+        """(outcome, error) once the job's process sent its whole outcome line."""
+        if self.outcome_r is None:
+            return None
+        while self._read_outcome() and not self.outcome_data.endswith(b"\n"):
+            if not select.select([self.outcome_r], [], [], 0)[0]:
+                break
+        if not self.outcome_data.endswith(b"\n"):
+            return None
+        try:
+            message = json.loads(self.outcome_data)
+            return message["outcome"], message.get("error")
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def _kept_storage(self):
         """The connection this child keeps for checkpoints and the outcome."""
         if self.storage is None:
-            self.storage = open_storage(self.assignment.database_url)
+            self.storage = open_storage(self.assignment)
         return self.storage
 
     def _own_signals(self) -> int:
@@ -191,11 +228,13 @@ class Child:
         watched = [self.lifeline, self.wakeup]
         if self.assignment.job.kind == "command":
             watched.append(self.notice)
+        else:
+            watched.append(self.outcome_r)  # a long traceback may not fit the pipe's buffer
         while True:
             timeout = self.deadline - clock()
             if timeout <= 0:
-                if self._let_it_record():
-                    return True
+                if self._delivered_outcome() is not None:
+                    return True  # its code has ended: kill what is left, record what it said
                 send(self.results, event="fenced", reason="the supervisor stopped renewing the lease")
                 return False
             try:
@@ -203,39 +242,19 @@ class Child:
             except InterruptedError:
                 ready = []
             if self.lifeline in ready and not self._read_lifeline():
-                return self._let_it_record()
+                # The supervisor is gone: the job must stop now. If its code
+                # has ended, it runs no job code any more, and its outcome is
+                # recorded all the same: a finished run must not become a rerun.
+                return self._delivered_outcome() is not None
             if self.wakeup in ready:
                 os.read(self.wakeup, 4096)
             if self.assignment.job.kind == "command" and self.notice in ready:
                 if not self._read_checkpoints():
                     watched.remove(self.notice)
+            if self.outcome_r in ready and not self._read_outcome():
+                watched.remove(self.outcome_r)
             if self._reap():
                 return True
-
-    def _let_it_record(self) -> bool:
-        """The supervisor is gone or late: the job must stop. But a job
-        process whose code has already ended runs no more job code; it is
-        making its one lease-fenced write of the outcome. Killing it then
-        would turn a finished run into a rerun, so let it finish (bounded)
-        first. True when it ended by itself."""
-        if self.assignment.job.kind == "command" or not self._job_finishing():
-            return False
-        give_up = clock() + RECORD_TIMEOUT_S + 1.0
-        while not self._reap():
-            if clock() >= give_up:
-                return False
-            try:
-                select.select([self.wakeup], [], [], give_up - clock())  # SIGCHLD wakes us
-                os.read(self.wakeup, 4096)
-            except (InterruptedError, BlockingIOError):
-                pass
-        return True
-
-    def _job_finishing(self) -> bool:
-        try:
-            return bool(os.read(self.finishing, 16))
-        except BlockingIOError:
-            return False
 
     def _read_lifeline(self) -> bool:
         data = os.read(self.lifeline, 4096)
@@ -357,15 +376,15 @@ def _become_job_process(nice: int):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_callable(assignment: Assignment, results: int, stop_notices: int, finishing: int, close: tuple):
-    """Import and call the job's target; record and report how it ended.
-    Never returns."""
+def run_callable(assignment: Assignment, results: int, stop_notices: int, outcome_fd: int, close: tuple):
+    """Import and call the job's target; report how it ended, to the child
+    (which records it) and to the supervisor. Never returns."""
     for fd in close:
         os.close(fd)
     _become_job_process(assignment.nice)
     job = assignment.job
     context = jobcontext.JobContext(
-        job, job.lease, assignment.server_id, lambda: open_storage(assignment.database_url)
+        job, job.lease, assignment.server_id, lambda: open_storage(assignment)
     )
     threading.Thread(target=_watch_stop_notices, args=(stop_notices, context), daemon=True).start()
     jobcontext._enter(context)
@@ -385,28 +404,12 @@ def run_callable(assignment: Assignment, results: int, stop_notices: int, finish
             outcome, error = "failed", f"the job called sys.exit({exc.code!r})"
     except BaseException:
         outcome, error = "failed", traceback.format_exc()
+    # First to the child, which records it: from this moment a dying or
+    # late supervisor no longer turns the finished run into a rerun.
+    send(outcome_fd, outcome=outcome, error=error)
     _flush_stdio()
-    recorded = record_outcome_here(context, assignment, outcome, error, finishing)
-    send(results, event="result", outcome=outcome, error=error, recorded=recorded)
+    send(results, event="result", outcome=outcome, error=error)
     os._exit(0)
-
-
-def record_outcome_here(context, assignment: Assignment, outcome: str, error: str | None,
-                        finishing: int) -> str | None:
-    """The job's code has ended: make its outcome durable from here, before
-    this process exits (see outcomes.py). Meanwhile a stop signal must not
-    cut the write short (the process exits right after anyway), and the
-    child is told, so that it lets the write finish even if the supervisor
-    dies now."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        # Ignored, not blocked: a thread the job started may not block it.
-        signal.signal(sig, signal.SIG_IGN)
-    try:
-        os.write(finishing, b"F")
-    except OSError:
-        pass
-    return record_finished_run(context._storage_for_run, assignment.job, assignment.server_id,
-                               outcome, error, assignment.retry_backoff)
 
 
 class WorkNotDone(Exception):

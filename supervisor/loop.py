@@ -239,7 +239,7 @@ class Supervisor:
             self.record_pending()
             return
         assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice,
-                                retry_backoff=self.config.jobs.retry_backoff)
+                                retry_backoff=self.config.jobs.retry_backoff, engine=self.storage.engine)
         child = spawn(assignment, self.fence_deadline())
         self.running[child.pid] = child
         event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,

@@ -1,10 +1,15 @@
 """Recording how a run of a job ended: one lease-fenced write.
 
-The process that saw the run end makes it durable before it exits: the job's
-own process for a callable, the child for a command. Then a supervisor that
-is frozen, starved of CPU or killed right after cannot turn a finished run
-into a rerun (its server would be reaped and the job, still `processing`,
-run again). The supervisor records an outcome itself only when that write
+A process that saw the run end makes it durable, and it is not the
+supervisor's loop: the job's child, which gets a callable's outcome from its
+job process the moment the job's code ends, or sees a command exit. Then a
+supervisor that is frozen, starved of CPU or killed right after cannot turn
+a finished run into a rerun (its server would be reaped and the job, still
+`processing`, run again). The child, not the job's process, makes the
+write: it runs at the supervisor's priority (job processes run at
+jobs.nice, and under a full CPU load a niced process took 40% of the
+throughput of short jobs to make it), and it outlives a job process killed
+once its code has ended. The supervisor records an outcome itself only when that write
 could not be made (the database did not answer within RECORD_TIMEOUT_S) or
 when only it knows what the end means: a memory-limit kill, a lease an
 operator took, a SIGTERM while its server is stopping, a fenced child.
@@ -20,8 +25,8 @@ import traceback
 
 from supervisor.errors import StorageUnavailable
 
-# How long the job's process (or a command's child) tries to record the
-# outcome before leaving it to the supervisor. Short: a process that cannot
+# How long the child tries to record the outcome before leaving it to the
+# supervisor. Short: a process that cannot
 # reach the database must not hold its slot, and the supervisor keeps
 # retrying the write for as long as it takes.
 RECORD_TIMEOUT_S = 5.0
@@ -44,8 +49,8 @@ def write_outcome(storage, job, server_id: str, kind: str, error: str | None, re
 
 def record_finished_run(open_storage, job, server_id: str, kind: str, error: str | None,
                         retry_backoff: float, timeout: float = RECORD_TIMEOUT_S) -> str | None:
-    """Called once per finished run by the process that saw it end (a reused
-    job process calls it once per job). Returns the new state or "stale";
+    """Called once per finished run by the process that saw it end (a
+    long-lived slot running many jobs calls it once per job). Returns the new state or "stale";
     None when the write could not be made within `timeout`: the caller then
     tells the supervisor, which records it as it always did.
 

@@ -6,7 +6,7 @@ import signal
 
 import pytest
 
-from harness import read_lines, wait_for
+from harness import freeze, read_lines, wait_for
 
 pytestmark = pytest.mark.slow
 ALLOW = {"allow": ["asyncjobs:*"], "max_attempts": 1}
@@ -85,10 +85,10 @@ def test_lease_lost_in_a_coroutine_records_nothing(queue, e2e_db_url, supervisor
     # enough that the child's fence stays far away: only the job's own
     # checkpoint can find out that the job was taken.
     sup = supervisors(e2e_db_url, "s1", jobs=ALLOW, server={"heartbeat_interval": "500ms", "dead_after": "20s"})
-    sup.wait_registered(queue)
+    server = sup.wait_registered(queue)
     job = queue.enqueue("asyncjobs:checkpoint_until_lease_lost", [str(records)])
     wait_for(lambda: queue.get(job.id).checkpoint, what="the first checkpoint")
-    sup.send(signal.SIGSTOP)
+    freeze(sup, e2e_db_url, server.id, job.id)
     queue.delete(job.id)
     wait_for(lambda: read_lines(records / f"job-{job.id}.lease_lost"), what="the job to get LeaseLost")
     sup.proc.send_signal(signal.SIGCONT)

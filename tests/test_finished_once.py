@@ -5,13 +5,11 @@ run into a rerun. Real supervisors on SQLite, PostgreSQL and MariaDB; the
 completions are counted from files the jobs append to."""
 
 import signal
-import sqlite3
-import time
 
 import psutil
 import pytest
 
-from harness import read_lines, wait_for
+from harness import freeze, read_lines, wait_for
 from supervisor import Queue
 
 pytestmark = pytest.mark.slow
@@ -29,32 +27,6 @@ def queue(db_url):
 def start(supervisors, db_url, queue, name):
     sup = supervisors(db_url, name, server=SERVER, jobs=JOBS)
     return sup, sup.wait_registered(queue)
-
-
-def _sqlite_writable(url: str) -> bool:
-    conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0.5, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-        return True
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        conn.close()
-
-
-def freeze(sup, url: str) -> None:
-    """SIGSTOP `sup` at a moment it holds no SQLite write lock. A process
-    frozen inside a write transaction stops every other writer of that
-    file (the job's own outcome included): a limit of one shared SQLite
-    file that is not what these tests are about."""
-    for _ in range(100):
-        sup.send(signal.SIGSTOP)
-        if not url.startswith("sqlite") or _sqlite_writable(url):
-            return
-        sup.proc.send_signal(signal.SIGCONT)
-        time.sleep(0.005)  # let it finish its transaction, then try again
-    raise AssertionError(f"{sup.name} held the SQLite write lock at every try")
 
 
 def lines(records, job_id, what):
@@ -75,7 +47,7 @@ def test_a_job_finished_while_its_supervisor_is_frozen_completes_once(
     blue, blue_server = start(supervisors, db_url, queue, "blue")
     job = queue.enqueue("oncejobs:work", [str(records), 1.2])
     wait_for(lambda: lines(records, job.id, "started"), what="the job to start on blue")
-    freeze(blue, db_url)
+    freeze(blue, db_url, blue_server.id, job.id)
     start(supervisors, db_url, queue, "green")
 
     wait_for(lambda: lines(records, job.id, "completed"), what="the job to complete")
@@ -102,7 +74,7 @@ def test_a_supervisor_killed_after_its_job_returned_causes_no_rerun(queue, db_ur
     job = queue.enqueue("oncejobs:work", [str(records), 0.3])
     wait_for(lambda: lines(records, job.id, "started"), what="the job to start on blue")
     # Frozen, blue cannot record anything: the job's process must.
-    freeze(blue, db_url)
+    freeze(blue, db_url, blue_server.id, job.id)
     (job_pid,) = map(int, lines(records, job.id, "started"))
     wait_for(lambda: lines(records, job.id, "completed"), what="the job to return")
     wait_for(lambda: not psutil.pid_exists(job_pid) or psutil.Process(job_pid).status() == psutil.STATUS_ZOMBIE,
@@ -122,7 +94,7 @@ def test_a_failure_is_recorded_by_the_job_with_the_configured_backoff(queue, db_
     blue, blue_server = start(supervisors, db_url, queue, "blue")
     job = queue.enqueue("oncejobs:work_then_fail", [str(records), 0.3], max_attempts=2)
     wait_for(lambda: lines(records, job.id, "started"), what="the job to start on blue")
-    freeze(blue, db_url)
+    freeze(blue, db_url, blue_server.id, job.id)
     green, green_server = start(supervisors, db_url, queue, "green")
     wait_for(lambda: queue.get(job.id).state == "failed", timeout=30, what="both attempts to fail")
     blue.proc.send_signal(signal.SIGCONT)
@@ -142,7 +114,7 @@ def test_a_command_that_exited_while_its_supervisor_is_frozen_completes_once(
     script = 'echo $$ >> "$1/cmd.started"; sleep 1.2; echo $$ >> "$1/cmd.completed"'
     job = queue.enqueue_command(["/bin/sh", "-c", script, "sh", str(records)])
     wait_for(lambda: read_lines(records / "cmd.started"), what="the command to start on blue")
-    freeze(blue, db_url)
+    freeze(blue, db_url, blue_server.id, job.id)
     start(supervisors, db_url, queue, "green")
 
     wait_for(lambda: queue.get(job.id).state == "succeeded", what="the child to record the command's exit")

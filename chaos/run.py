@@ -20,12 +20,14 @@ from pathlib import Path
 from sqlalchemy.engine import make_url
 
 from chaos import checks
+from chaos.jobs import clock
 from chaos.cluster import (
     DEAD_AFTER,
     Supervisor,
     TreeWatcher,
     child_env,
     database_url,
+    drop_postgres,
     ensure_pg_running,
     pg_cluster,
     pg_ctl,
@@ -78,6 +80,7 @@ class Chaos:
         self.records.mkdir()
         self.violations: list[str] = []
         self.actions = Counter()
+        self.faults: list[dict] = []  # supervisor faults by the jobs' clock, for checks.completions
         self.db_faults: list[dict] = []
         self.log = open(run_dir / "chaos.log", "a")
         self.watcher = TreeWatcher().start()
@@ -91,7 +94,10 @@ class Chaos:
     # --- set-up -------------------------------------------------------------------
 
     def set_up(self) -> None:
-        self.url = database_url(self.db, self.run_dir, "shiftchange_chaos")
+        # A database of its own: two runs on one machine (two engineers, or
+        # a run beside the test suite) must never share, or even drop, one.
+        self.pg_database = f"shiftchange_chaos_{os.getpid()}"
+        self.url = database_url(self.db, self.run_dir, self.pg_database)
         engine = make_engine(self.url)
         ensure_schema(engine)
         self.engine = engine
@@ -115,6 +121,7 @@ class Chaos:
 
     def supervisor_fault(self, sup: Supervisor, fault: str) -> None:
         self.note(f"{fault} {sup.name} pid {sup.pid}")
+        self.faults.append({"fault": fault, "sup": sup.pid, "t": clock()})
         getattr(self, f"_{fault}")(sup)
         self.actions[fault] += 1
 
@@ -191,8 +198,10 @@ class Chaos:
         for at, fault in faults:
             if stop.wait(max(0.0, began + at - time.monotonic())):
                 return
-            started = time.monotonic()
+            started, started_clock = time.monotonic(), clock()
             outcome = fault()
+            self.faults.append({"fault": f"db_{outcome['fault']}", "sup": None, "t": started_clock,
+                                "until": clock()})
             outcome["seconds"] = round(time.monotonic() - started, 2)
             outcome["at"] = round(started - began, 1)
             self.db_faults.append(outcome)
@@ -297,6 +306,7 @@ class Chaos:
         }
         run_violations, run_counts = checks.runs(self.plan, rows, self.records)
         found["runs"] = run_violations
+        found["completions"], completion_counts = checks.completions(self.plan, history, self.records, self.faults)
         processes = dict(self.watcher.seen)
         processes.update(checks.recorded_processes(self.plan, self.records))
         deadline = time.monotonic() + 5  # a killed process may take a moment to go
@@ -312,6 +322,7 @@ class Chaos:
             "kinds": dict(Counter(self.plan.values())),
             "events": checks.event_counts(history),
             **run_counts,
+            **completion_counts,
             "processes_seen": len(processes),
             "processes_left": len(found["processes"]),
             "violations_by_check": {name: len(v) for name, v in found.items()},
@@ -335,6 +346,9 @@ class Chaos:
                     pass
         if self.db == "postgresql" and not ensure_pg_running():
             self.violations.append("PostgreSQL did not come back up")
+        if self.db == "postgresql" and getattr(self, "engine", None) is not None:
+            self.engine.dispose()
+            drop_postgres(self.pg_database)
 
 
 def run(db: str, seconds: float, job_count: int, seed: int | None, keep: bool) -> int:

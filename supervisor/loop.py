@@ -20,6 +20,7 @@ from supervisor.database import bounds_for, ensure_schema, make_engine
 from supervisor.errors import EXIT_OK, StorageRefused, StorageUnavailable
 from supervisor.jobprocess import Assignment
 from supervisor.logs import event
+from supervisor.outcomes import write_outcome
 from supervisor.processes import (
     become_subreaper,
     clock,
@@ -281,7 +282,8 @@ class Supervisor:
             self.record_pending()
             return
         assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice,
-                                self.db_bounds)
+                                self.db_bounds, retry_backoff=self.config.jobs.retry_backoff,
+                                engine=self.storage.engine)
         child = spawn(assignment, self.fence_deadline())
         self.running[child.pid] = child
         event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,
@@ -317,6 +319,11 @@ class Supervisor:
                 self._finish(child)
 
     def _finish(self, child: RunningJob) -> None:
+        recorded = child.recorded()
+        if recorded:  # durable already, written by the run's own side
+            self.next_claim = clock()
+            self._log_outcome(child.job, *recorded, by=" (recorded by the job's side)")
+            return
         kind, error = child.outcome(stopping=self.stop_signal is not None)
         seconds = clock() - child.started
         if self.dropping or kind == "dropped":
@@ -341,22 +348,16 @@ class Supervisor:
             self.pending.pop(0)
 
     def _record(self, job, kind: str, error: str | None) -> None:
-        storage, sid = self.storage, self.server_id
-        if kind == "succeeded":
-            state = "succeeded" if storage.complete(job.id, job.lease, sid) else "stale"
-        elif kind == "handoff":
-            state = storage.give_back(job.id, job.lease, sid, error or "handed off by the job")
-        else:
-            state = storage.fail(
-                job.id, job.lease, sid, error or "failed", retry=kind != "refused",
-                retry_backoff=self.config.jobs.retry_backoff,
-            )
+        state = write_outcome(self.storage, job, self.server_id, kind, error, self.config.jobs.retry_backoff)
+        self._log_outcome(job, kind, error, state)
+
+    def _log_outcome(self, job, kind: str, error: str | None, state: str, by: str = "") -> None:
         if state == "stale":
-            event("job %d: stale write dropped (lease %d is no longer current)", job.id, job.lease,
+            event("job %d: stale write dropped (lease %d is no longer current)%s", job.id, job.lease, by,
                   level=logging.WARNING, event="stale_write", job=job.id)
         else:
             summary = f": {error.strip().splitlines()[-1]}" if error and state != "succeeded" else ""
-            event("job %d (%s) %s -> %s%s", job.id, job.target, kind, state, summary,
+            event("job %d (%s) %s -> %s%s%s", job.id, job.target, kind, state, by, summary,
                   event=kind, job=job.id, state=state)
 
     # --- heartbeat ------------------------------------------------------------------------

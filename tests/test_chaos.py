@@ -57,6 +57,7 @@ def test_chaos_on_postgresql_keeps_every_invariant():
     assert sum(report["actions"].values()) >= 5
     restart, black_hole, outage = report["db_faults"]
     assert black_hole["fault"] == "black_hole" and black_hole["held"] > 2.0, black_hole  # > dead_after
+    assert report["completions"] >= 60  # every job's code completed at least once, by its own records
     if pg_cluster() is not None:  # the restart and the outage really happened
         assert [restart["fault"], outage["fault"]] == ["restart", "outage"]
         assert restart.get("ready") and outage.get("ready"), report["db_faults"]

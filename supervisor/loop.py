@@ -327,8 +327,10 @@ class Supervisor:
         kind, error = child.outcome(stopping=self.stop_signal is not None)
         seconds = clock() - child.started
         if self.dropping or kind == "dropped":
-            event("job %d: outcome '%s' after %.2fs dropped: this run no longer owns the job",
-                  child.job.id, kind, seconds, event="dropped", job=child.job.id)
+            why = error if kind == "dropped" else "its job was handed off when this server began to stop"
+            event("job %d (%s): this run ended after %.2fs but no longer owns the job (%s); nothing "
+                  "recorded, the job's new run decides its outcome", child.job.id, child.job.target, seconds,
+                  why, event="dropped", job=child.job.id)
             return
         self.next_claim = clock()
         self.pending.append((child.job, kind, error))
@@ -352,13 +354,9 @@ class Supervisor:
         self._log_outcome(job, kind, error, state)
 
     def _log_outcome(self, job, kind: str, error: str | None, state: str, by: str = "") -> None:
-        if state == "stale":
-            event("job %d: stale write dropped (lease %d is no longer current)%s", job.id, job.lease, by,
-                  level=logging.WARNING, event="stale_write", job=job.id)
-        else:
-            summary = f": {error.strip().splitlines()[-1]}" if error and state != "succeeded" else ""
-            event("job %d (%s) %s -> %s%s%s", job.id, job.target, kind, state, by, summary,
-                  event=kind, job=job.id, state=state)
+        level = logging.INFO if state in ("succeeded", "enqueued") else logging.WARNING
+        event("job %d (%s) %s%s", job.id, job.target, describe_outcome(job, kind, state, error), by,
+              level=level, event="stale_write" if state == "stale" else kind, job=job.id, state=state)
 
     # --- heartbeat ------------------------------------------------------------------------
 
@@ -527,6 +525,26 @@ class Supervisor:
                 kill_tree(child.pid)
                 event("job %d killed: %s", child.job.id, child.kill_reason, level=logging.WARNING,
                       event="memory_limit", job=child.job.id)
+
+
+def describe_outcome(job, kind: str, state: str, error: str | None) -> str:
+    """What happened to a run, why, and what comes next, in one phrase."""
+    why = f": {error.strip().splitlines()[-1]}" if error and error.strip() else ""
+    attempt = f"attempt {job.attempts} of {job.max_attempts}"
+    if state == "stale":
+        return (f"run ended '{kind}', not recorded: lease {job.lease} is no longer current (the job was "
+                f"handed off, reaped or requeued, and belongs to another run)")
+    if state == "succeeded":
+        return "succeeded"
+    if kind == "handoff":
+        nxt = "back in the queue, to resume elsewhere" if state == "enqueued" else (
+            "failed: interrupted more often than max_interruptions allows")
+        return f"handed off{why}; {nxt}"
+    if state == "scheduled":
+        return f"failed ({attempt}){why}; a retry is scheduled"
+    if kind == "refused":
+        return f"refused{why}; failed without a retry"
+    return f"failed for good ({attempt}){why}"
 
 
 def run_supervisor(config: Config) -> int:

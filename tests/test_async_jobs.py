@@ -92,7 +92,8 @@ def test_lease_lost_in_a_coroutine_records_nothing(queue, e2e_db_url, supervisor
     queue.delete(job.id)
     wait_for(lambda: read_lines(records / f"job-{job.id}.lease_lost"), what="the job to get LeaseLost")
     sup.proc.send_signal(signal.SIGCONT)
-    wait_for(lambda: f"job {job.id}: outcome 'dropped'" in sup.log(), what="the supervisor to drop the outcome")
+    wait_for(lambda: f"job {job.id} (asyncjobs:" in sup.log() and "no longer owns the job" in sup.log(),
+             what="the supervisor to drop the outcome")
     assert queue.jobs() == []  # nothing recorded about the deleted job
 
 

@@ -57,7 +57,7 @@ def test_a_job_finished_while_its_supervisor_is_frozen_completes_once(
     assert_no_more_runs(queue, records, job)
 
     blue.proc.send_signal(signal.SIGCONT)
-    wait_for(lambda: f"job {job.id} (oncejobs:work) succeeded -> succeeded (recorded by the job's side)"
+    wait_for(lambda: f"job {job.id} (oncejobs:work) succeeded (recorded by the job's side)"
              in blue.log(), what="thawed blue to log what the job's process recorded")
     wait_for(lambda: any(s.pid == blue.pid and s.state == "running" for s in queue.servers()),
              what="thawed blue to register anew")

@@ -9,7 +9,7 @@ import sys
 from dataclasses import dataclass, field
 
 from supervisor.jobprocess import Assignment, command_outcome, run_child
-from supervisor.processes import clock, describe_status
+from supervisor.processes import describe_status
 from supervisor.records import Job
 
 
@@ -21,7 +21,7 @@ class RunningJob:
     pid: int  # the child's pid, also its process group id
     lifeline: int  # write end: stop notices and deadline renewals
     results: int  # read end: JSON lines from the child and the job
-    started: float = field(default_factory=clock)
+    started: float  # by the supervisor's clock
     messages: list[dict] = field(default_factory=list)
     kill_reason: str | None = None  # set when the supervisor kills it on purpose
     lease_lost: bool = False  # an operator took the job away: record nothing
@@ -119,7 +119,7 @@ class RunningJob:
         return "failed", f"the job's child process {how} before the job ended"
 
 
-def spawn(assignment: Assignment, deadline: float) -> RunningJob:
+def spawn(assignment: Assignment, deadline: float, started: float) -> RunningJob:
     """Fork a child for one job. The child runs jobprocess.run_child."""
     lifeline_r, lifeline_w = os.pipe()
     results_r, results_w = os.pipe()
@@ -138,4 +138,4 @@ def spawn(assignment: Assignment, deadline: float) -> RunningJob:
     os.close(results_w)
     os.set_blocking(lifeline_w, False)
     os.set_blocking(results_r, False)
-    return RunningJob(job=assignment.job, pid=pid, lifeline=lifeline_w, results=results_r)
+    return RunningJob(job=assignment.job, pid=pid, lifeline=lifeline_w, results=results_r, started=started)

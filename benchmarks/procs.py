@@ -1,7 +1,6 @@
 """Databases and supervisor processes for the benchmarks."""
 
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -16,6 +15,7 @@ from sqlalchemy import create_engine, text
 
 from supervisor import Queue
 from supervisor.database import _driver_url
+from supervisor.logs import first_event
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_URLS = {
@@ -27,7 +27,7 @@ BASE_SETTINGS = {
     "server": {"heartbeat_interval": "1s", "dead_after": "10s", "poll_interval": "200ms"},
     "shutdown": {"kill_after": "0s"},
     "jobs": {"allow": ["benchmarks.bjobs:*"], "max_interruptions": 1000},
-    "log": {"level": "info"},
+    "log": {"level": "info", "format": "json"},  # numbers are read from the events' fields
 }
 
 
@@ -101,8 +101,8 @@ class Supervisor:
 
     def handoff_ms(self) -> float | None:
         """What the supervisor itself measured: signal -> handoff committed."""
-        found = re.search(r"handed off jobs \[.*?\] in ([\d.]+) ms", self.log())
-        return float(found.group(1)) if found else None
+        handed_off = first_event(self.log(), "handed_off")
+        return handed_off["ms"] if handed_off else None
 
     def kill(self, sig=signal.SIGKILL):
         os.kill(self.pid, sig)

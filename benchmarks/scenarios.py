@@ -19,6 +19,7 @@ from benchmarks.procs import Supervisor, fresh_database, read_marker, summary, w
 from supervisor import Queue
 from supervisor.processes import clock
 from supervisor.jobspec import new_job
+from supervisor.logs import read_events
 
 SPIN = "benchmarks.bjobs:spin"
 
@@ -336,8 +337,8 @@ def _log_seconds(log, words, began):
     from the line's wall-clock stamp."""
     import datetime
 
-    for line in log.splitlines():
-        if words in line:
-            stamp = datetime.datetime.fromisoformat(line.split()[0].replace("Z", "+00:00")).timestamp()
+    for record in read_events(log):
+        if words in record.get("message", ""):
+            stamp = datetime.datetime.fromisoformat(record["at"].replace("Z", "+00:00")).timestamp()
             return stamp - (time.time() - (clock() - began))
     return None

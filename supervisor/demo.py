@@ -28,6 +28,7 @@ from pathlib import Path
 import psutil
 import yaml
 
+from supervisor.logs import first_event
 from supervisor.processes import clock, die_with_parent
 from supervisor.queue import Queue
 
@@ -41,7 +42,6 @@ START_TIMEOUT_S = 20.0  # a supervisor registering, jobs reaching DEPLOY_AT_STEP
 HANDOVER_TIMEOUT_S = 20.0  # from the SIGTERM until every job runs on new
 STOP_TIMEOUT_S = 10.0  # a supervisor exiting after SIGTERM
 FINISHED = ("succeeded", "failed")
-HANDOFF_LOG_LINE = re.compile(r"handed off jobs \[([\d, ]*)\] in ([\d.]+) ms")
 # A user's own settings must not point the demo's supervisors elsewhere.
 IGNORED_ENV = ("SHIFTCHANGE_DATABASE_URL", "SHIFTCHANGE_CONFIG")
 
@@ -163,7 +163,7 @@ class Demo:
             },
             "shutdown": {"kill_after": f"{KILL_AFTER_S:g}s"},
             "jobs": {"allow": ["supervisor.demo_jobs:*"]},
-            "log": {"format": "text"},  # the demo reads old's handoff line
+            "log": {"format": "json"},  # the demo reads old's handed_off event
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -247,11 +247,11 @@ class Demo:
         if deploy.handoff_seen_at is None or deploy.handoff_told:
             return
         # Old logs its own measure just after the commit; give it until it exits.
-        match = HANDOFF_LOG_LINE.search(old.log())
-        if match is None and old.popen.poll() is None:
+        handed_off = first_event(old.log(), "handed_off")
+        if handed_off is None and old.popen.poll() is None:
             return
-        deploy.handoff_log_ms = float(match.group(2)) if match else None
-        measured = f"old log: {deploy.handoff_log_ms:g} ms" if match else "no handoff line in old's log"
+        deploy.handoff_log_ms = handed_off.get("ms") if handed_off else None
+        measured = f"old log: {deploy.handoff_log_ms:g} ms" if handed_off else "no handed_off event in old's log"
         self.say(f"handoff committed: jobs {_ids(self.job_ids)} requeued in one transaction, "
                  f"held until old's runs are dead ({measured})", at=deploy.handoff_seen_at)
         deploy.handoff_told = True
@@ -327,7 +327,7 @@ class Demo:
         if old.popen.returncode != 0:
             problems.append(f"supervisor old exited {old.popen.returncode}, not 0: the handoff was not committed")
         if self.deploy.handoff_log_ms is None:
-            problems.append("old's log has no 'handed off jobs [...] in X ms' line")
+            problems.append("old's log has no handed_off event")
         for job_id in self.job_ids:
             problems += _check_job(jobs[job_id], runs.get(job_id, []), new.server_id)
         return problems

@@ -56,7 +56,7 @@ class RunningJob:
                 try:
                     self.messages.append(json.loads(line))
                 except ValueError:
-                    pass  # a job cannot forge messages that matter: see outcome()
+                    pass  # not from the child: the job's process holds no end of this pipe
 
     def close(self) -> None:
         for fd in (self.lifeline, self.results):

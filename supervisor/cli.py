@@ -449,7 +449,7 @@ def config_check(config: ConfigOption = None, json_: JsonOption = False):
     import yaml
 
     settings = load_config(config)
-    data = settings.to_dict(mask=True)
+    data = settings.to_dict()
     if json_:
         print_json({"source": settings.source, "config": data})
         return

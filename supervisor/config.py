@@ -185,7 +185,7 @@ class Config:
                 raise ConfigError(f"server.{key} (from the command line): {exc}") from None
         return replace(self, server=replace(self.server, **chosen)) if chosen else self
 
-    def to_dict(self, mask: bool = True) -> dict:
+    def to_dict(self) -> dict:
         """The effective config, with the database password masked."""
         data = {}
         for section in fields(self):
@@ -196,8 +196,7 @@ class Config:
                 f.name: list(v) if isinstance(v := getattr(values, f.name), tuple) else v
                 for f in fields(values)
             }
-        if mask:
-            data["database"]["url"] = mask_url(self.database.url)
+        data["database"]["url"] = mask_url(self.database.url)
         return data
 
 

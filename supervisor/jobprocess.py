@@ -149,8 +149,10 @@ class Child:
             os.set_blocking(self.outcome_r, False)
             self.job_pid = os.fork()
             if self.job_pid == 0:
-                run_callable(self.assignment, self.results, job_end, outcome_w,
-                             (self.lifeline, self.notice, self.wakeup, self.outcome_r))
+                # The job's process gets no end of the results pipe: only this
+                # child speaks to the supervisor (see _record_outcome).
+                run_callable(self.assignment, job_end, outcome_w,
+                             (self.lifeline, self.results, self.notice, self.wakeup, self.outcome_r))
             os.close(outcome_w)
         os.close(job_end)
         ended = self._watch()
@@ -182,7 +184,13 @@ class Child:
             kind, error = delivered
         recorded = record_finished_run(self._kept_storage, self.assignment.job, self.assignment.server_id,
                                        kind, error, self.assignment.retry_backoff)
-        return {"outcome": kind, "error": error, "recorded": recorded} if recorded else {}
+        if recorded:
+            return {"outcome": kind, "error": error, "recorded": recorded}
+        if self.assignment.job.kind != "command":
+            # Not recorded (the database did not answer): relay what the job's
+            # process said, for the supervisor to record.
+            send(self.results, event="result", outcome=kind, error=error)
+        return {}
 
     def _read_outcome(self) -> bool:
         """Take what the job's process has sent of its outcome; False at EOF."""
@@ -382,9 +390,9 @@ def _become_job_process(nice: int):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_callable(assignment: Assignment, results: int, stop_notices: int, outcome_fd: int, close: tuple):
-    """Import and call the job's target; report how it ended, to the child
-    (which records it) and to the supervisor. Never returns."""
+def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, close: tuple):
+    """Import and call the job's target; report how it ended to the child,
+    which records it (or relays it to the supervisor). Never returns."""
     for fd in close:
         os.close(fd)
     _become_job_process(assignment.nice)
@@ -415,7 +423,6 @@ def run_callable(assignment: Assignment, results: int, stop_notices: int, outcom
     # late supervisor no longer turns the finished run into a rerun.
     send(outcome_fd, outcome=outcome, error=error)
     _flush_stdio()
-    send(results, event="result", outcome=outcome, error=error)
     os._exit(0)
 
 

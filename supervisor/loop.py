@@ -113,10 +113,7 @@ class Supervisor:
         """Sleep until a signal, a child's message, news of claimable jobs,
         or `timeout` seconds."""
         fds = [self.wakeup_r, *(child.results for child in self.running.values())]
-        # No new LISTEN connection while heartbeats fail: each attempt on a
-        # dead network would hold the loop for the connect timeout.
-        healthy = self.beat_failing_since is None
-        listening = self.wakeups.fileno() if self.wakeups and self.claiming and healthy else None
+        listening = self.wakeups.fileno() if self.wakeups and self.claiming else None
         if listening is not None:
             fds.append(listening)
         try:
@@ -231,6 +228,11 @@ class Supervisor:
         if self.exit_requested or (self.stop_signal is not None and not self.draining):
             return  # the shutdown sequence starts now, not after a heartbeat
         now = self.clock()
+        # (Re)connect the LISTEN socket here, never inside wait()'s select
+        # path, and not while heartbeats fail: each attempt on a dead
+        # network would hold the loop for the connect timeout.
+        if self.wakeups and self.claiming and self.beat_failing_since is None:
+            self.wakeups.listen()
         if self.quiet_wanted and self.server_id:
             self._record_quiet()
         if now >= self.next_beat:
@@ -367,12 +369,15 @@ class Supervisor:
     # --- heartbeat ------------------------------------------------------------------------
 
     def beat(self) -> None:
-        """Heartbeat, renew the children's deadline, reap dead servers,
-        promote due jobs, enforce memory limits; fence ourselves when we
-        cannot prove we are alive."""
+        """Once per heartbeat_interval: enforce memory limits (the database
+        is not needed for that); heartbeat and renew the children's
+        deadline, or fence ourselves when we cannot prove we are alive;
+        then kill runs whose lease an operator took, reap dead servers,
+        promote due jobs, record pending outcomes and sweep old ones."""
         server = self.config.server
         sent = self.clock()
         self.next_beat = sent + server.heartbeat_interval
+        self._enforce_memory_limit()
         try:
             state = self.storage.heartbeat(self.server_id)
         except StorageUnavailable as exc:
@@ -389,7 +394,14 @@ class Supervisor:
         for child in self.running.values():
             child.renew(self.fence_deadline())
         self._kill_runs_of_lost_jobs()
-        self._housekeeping()
+        try:
+            self._reap_dead_servers()  # invariant 1: a dead server's jobs are requeued
+            self.storage.promote_due()
+            self.record_pending()
+            self._sweep_when_due()
+        except StorageUnavailable as exc:
+            event("reaping, promotion and retention skipped until the next heartbeat: %s", exc,
+                  level=logging.WARNING, event="db_unreachable")
 
     def _record_quiet(self) -> None:
         """Make a SIGTSTP durable, so `status` shows it and a restart of the
@@ -524,22 +536,22 @@ class Supervisor:
             self.wait(deadline - self.clock())
             self.collect_children()
 
-    def _housekeeping(self) -> None:
-        storage = self.storage
-        try:
-            for taken in storage.reap():
-                event("job %d requeued: its server stopped heartbeating", taken.id,
-                      event="reaped", job=taken.id)
-            storage.promote_due()
-            self.record_pending()
-            if self.clock() >= self.next_sweep:
-                self.next_sweep = self.clock() + SWEEP_EVERY_S
-                removed = storage.sweep(self.config.jobs.keep_finished)
-                if removed:
-                    event("retention: deleted %d finished jobs", removed, event="sweep")
-        except StorageUnavailable as exc:
-            event("housekeeping skipped: %s", exc, level=logging.WARNING, event="db_unreachable")
-        self._enforce_memory_limit()
+    def _reap_dead_servers(self) -> None:
+        """Requeue the jobs of every server whose heartbeat is older than
+        its dead_after (by the database clock), here as on every server."""
+        for taken in self.storage.reap():
+            what = "failed: past max_interruptions" if taken.failed else "requeued"
+            event("job %d %s: its server %s stopped heartbeating", taken.id, what, taken.server,
+                  event="reaped", job=taken.id, server=taken.server)
+
+    def _sweep_when_due(self) -> None:
+        """Retention: delete jobs finished more than jobs.keep_finished ago."""
+        if self.clock() < self.next_sweep:
+            return
+        self.next_sweep = self.clock() + SWEEP_EVERY_S
+        removed = self.storage.sweep(self.config.jobs.keep_finished)
+        if removed:
+            event("retention: deleted %d finished jobs", removed, event="sweep")
 
     def _enforce_memory_limit(self) -> None:
         limit = self.config.jobs.memory_limit

@@ -369,6 +369,44 @@ def config_check(config: ConfigOption = None, json_: JsonOption = False):
 
 @app.command()
 @reports_errors
+def dashboard(
+    config: ConfigOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; another than 127.0.0.1 exposes it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8642,
+    read_only: Annotated[bool, typer.Option("--read-only", help="No actions, even with dashboard.token set.")] = False,
+):
+    """Serve the web dashboard and Prometheus /metrics (see docs/dashboard.md).
+
+    Actions need dashboard.token (or $SHIFTCHANGE_DASHBOARD_TOKEN); without
+    one the dashboard is read-only."""
+    try:
+        import uvicorn
+
+        from supervisor.web import DashboardSettings, create_app
+        from supervisor.web.security import loopback_hosts
+    except ImportError as exc:
+        raise ConfigError(f"the dashboard needs its extra: pip install 'shiftchange[dashboard]' ({exc})") from None
+
+    settings = load_config(config)
+    q = open_queue(config)
+    web = DashboardSettings(
+        token=settings.dashboard.token, show_args=settings.dashboard.show_args, read_only=read_only,
+        allowed_hosts=loopback_hosts(host, port),
+    )
+    app_ = create_app(q, web)
+    mode = f"read-only ({web.read_only_reason})" if web.read_only_reason else "actions need the token"
+    typer.echo(f"shiftchange dashboard on http://{host}:{port}/ for {q.database if hasattr(q, 'database') else _masked(settings)}; {mode}", err=True)
+    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False, server_header=False)
+
+
+def _masked(settings) -> str:
+    from supervisor.database import mask_url
+
+    return mask_url(settings.database.url)
+
+
+@app.command()
+@reports_errors
 def demo(
     jobs_count: Annotated[int, typer.Option("--jobs", min=1, max=8, help="Long jobs to run across the deploy.")] = 3,
 ):

@@ -27,6 +27,12 @@ class InvalidJob(ShiftchangeError):
     exit_code = EXIT_USAGE
 
 
+class InvalidFilter(ShiftchangeError):
+    """A job filter (state, queue, target, text) that cannot be applied."""
+
+    exit_code = EXIT_USAGE
+
+
 class StorageUnavailable(ShiftchangeError):
     """The database cannot be reached (after retries where they apply)."""
 

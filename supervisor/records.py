@@ -153,3 +153,13 @@ class Server:
             "stopped_at": to_iso(self.stopped_at),
             "jobs": self.jobs,
         }
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """One queue as the dashboard shows it."""
+
+    name: str
+    counts: dict[str, int]  # by state, for storage.COUNTED_STATES
+    oldest_due_age: float | None  # seconds the oldest due job has waited; None: none due
+    paused: bool = False

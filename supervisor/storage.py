@@ -18,7 +18,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 
 from supervisor.database import unavailable
 from supervisor.dbtime import db_now
-from supervisor.errors import ActionRefused, InvalidJob, JobNotFound
+from supervisor.errors import ActionRefused, InvalidFilter, InvalidJob, JobNotFound
 from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
 from supervisor.tables import events, jobs, servers
 from supervisor.targets import check_callable_syntax
@@ -126,6 +126,85 @@ class Requeued:
     lease: int
     failed: bool  # True when it was past max_interruptions and failed instead
     server: str | None = None  # the server it was taken from
+
+
+SCAN_WINDOW = 100_000  # job ids a target or text filter looks at per page
+COUNTED_STATES = ("enqueued", "scheduled", "processing", "failed")
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a list or a bulk action means; every field optional.
+    Build it with JobFilter.parse() from untrusted input."""
+
+    state: str | None = None
+    queue: str | None = None
+    target: str | None = None
+    text: str | None = None  # a substring of the JSON arguments
+    server: str | None = None  # a server id: the jobs it runs
+
+    @classmethod
+    def parse(cls, state=None, queue=None, target=None, text=None, server=None) -> "JobFilter":
+        """A filter from user input (empty means unset), or InvalidFilter."""
+        state, queue, target, text, server = (
+            (value.strip() or None) if isinstance(value, str) else value
+            for value in (state, queue, target, text, server)
+        )
+        if state is not None and state not in JOB_STATES:
+            raise InvalidFilter(f"state {state!r} is not one of {', '.join(JOB_STATES)}")
+        if queue is not None and not QUEUE_NAME.match(queue):
+            raise InvalidFilter(f"queue {queue!r} is not a valid queue name")
+        for name, value, longest in (("target", target, 1000), ("text", text, 200), ("server", server, 32)):
+            if value is not None and len(value) > longest:
+                raise InvalidFilter(f"{name} is longer than {longest} characters")
+        return cls(state, queue, target, text, server)
+
+    @property
+    def needs_window(self) -> bool:
+        """True when no index serves the filter (see Storage.job_page)."""
+        return self.target is not None or self.text is not None
+
+    def conditions(self) -> list:
+        where = []
+        if self.state is not None:
+            where.append(jobs.c.state == self.state)
+        if self.queue is not None:
+            where.append(jobs.c.queue == self.queue)
+        if self.server is not None:
+            where.append(jobs.c.server_id == self.server)
+        if self.target is not None:
+            where.append(jobs.c.target == self.target)
+        if self.text is not None:
+            # A literal substring: % and _ typed by a person match themselves.
+            escaped = self.text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+            where.append(jobs.c.args.like(f"%{escaped}%", escape="!") |
+                         jobs.c.kwargs.like(f"%{escaped}%", escape="!"))
+        return where
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in (("state", self.state), ("queue", self.queue), ("target", self.target),
+                                  ("text", self.text), ("server", self.server)) if v is not None}
+
+
+@dataclass(frozen=True)
+class JobPage:
+    jobs: list[Job]
+    next_before: int | None  # pass as `before` for the next page; None: no more
+    searched_to: int | None  # set when a windowed search stopped at this id
+
+
+@dataclass(frozen=True)
+class EventHistogram:
+    start: float  # epoch seconds of the first bucket's start
+    width: float  # seconds per bucket
+    counts: dict[str, list[int]]  # kind -> count per bucket, oldest first
+
+
+@dataclass(frozen=True)
+class EventDelta:
+    last_id: int
+    counts: dict[str, int]
+    run_times: list[float]
 
 
 # --- the verbs -----------------------------------------------------------------
@@ -608,6 +687,127 @@ class Storage:
         for queue, state, count in rows:
             by_queue.setdefault(queue, dict.fromkeys(JOB_STATES, 0))[state] = count
         return by_queue
+
+    # dashboard and metrics reads: each bounded, whatever the table holds --
+
+    def job_page(self, which: "JobFilter", before: int | None = None, limit: int = 50) -> "JobPage":
+        """One page of jobs matching `which`, newest first, with ids below
+        `before` (keyset pagination: no OFFSET, so page 1000 costs what page
+        1 does). State, queue and server are served by indexes. A target or
+        text filter has no index (text is a substring of the JSON
+        arguments), so it looks at no more than SCAN_WINDOW ids below
+        `before`; the page then says where it stopped and `next_before`
+        continues from there. Either way a page reads a bounded number of
+        rows, with a million finished jobs in the table too."""
+        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit + 1)
+        query = query.where(*which.conditions())
+        top = before
+        if which.needs_window:
+            if top is None:
+                top = (self._max_job_id() or 0) + 1
+            query = query.where(jobs.c.id >= top - SCAN_WINDOW)
+        if top is not None:
+            query = query.where(jobs.c.id < top)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        found = [Job.from_row(row) for row in rows[:limit]]
+        if len(rows) > limit:
+            return JobPage(found, next_before=found[-1].id, searched_to=None)
+        if which.needs_window and top - SCAN_WINDOW > 1:
+            return JobPage(found, next_before=top - SCAN_WINDOW, searched_to=top - SCAN_WINDOW)
+        return JobPage(found, next_before=None, searched_to=None)
+
+    def _max_job_id(self) -> int | None:
+        with self._read() as conn:
+            return conn.execute(select(func.max(jobs.c.id))).scalar_one_or_none()
+
+    def active_counts(self) -> dict[str, dict[str, int]]:
+        """Job counts by queue for the states that need attention
+        (COUNTED_STATES: enqueued, scheduled, processing, failed), every one
+        of them listed. Succeeded jobs are left out on purpose: counting
+        them reads every finished row (a full scan: 0.3 s with a million
+        on PostgreSQL), while these states are an index range; completions
+        are counted as events instead (events_since)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs.c.queue, jobs.c.state, func.count())
+                .where(jobs.c.state.in_(COUNTED_STATES))
+                .group_by(jobs.c.queue, jobs.c.state)
+            ).all()
+        by_queue: dict[str, dict[str, int]] = {}
+        for queue, state, count in rows:
+            by_queue.setdefault(queue, dict.fromkeys(COUNTED_STATES, 0))[state] = count
+        return by_queue
+
+    def oldest_due(self) -> dict[str, float]:
+        """Per queue, how long its oldest due job (`enqueued`, run_at
+        passed) has waited, in seconds by the database clock. Reads only the
+        enqueued rows (an index range): the backlog, not the history."""
+        with self._read() as conn:
+            now = conn.execute(select(db_now())).scalar_one()
+            rows = conn.execute(
+                select(jobs.c.queue, func.min(jobs.c.run_at))
+                .where(jobs.c.state == "enqueued", jobs.c.run_at <= now)
+                .group_by(jobs.c.queue)
+            ).all()
+        return {queue: max(0.0, now - oldest) for queue, oldest in rows}
+
+    def event_histogram(self, span: float, buckets: int, kinds) -> "EventHistogram":
+        """Events of `kinds` over the last `span` seconds, counted in
+        `buckets` equal slices (oldest first). Reads the events of that span
+        only (index on `at`)."""
+        width = span / buckets
+        with self._read() as conn:
+            now = conn.execute(select(db_now())).scalar_one()
+            start = now - span
+            rows = conn.execute(
+                select(events.c.kind, events.c.at)
+                .where(events.c.at >= start, events.c.kind.in_(list(kinds)))
+            ).all()
+        counts = {kind: [0] * buckets for kind in kinds}
+        for kind, at in rows:
+            counts[kind][min(buckets - 1, int((at - start) / width))] += 1
+        return EventHistogram(start=start, width=width, counts=counts)
+
+    def last_event_id(self) -> int:
+        """The id of the newest event (0 when there is none): where an
+        events_since() reader starts counting."""
+        with self._read() as conn:
+            return conn.execute(select(func.max(events.c.id))).scalar_one_or_none() or 0
+
+    def events_since(self, after_id: int, limit: int = 100_000) -> "EventDelta":
+        """Events after `after_id` (at most `limit` of them, oldest first):
+        their count by kind, and the run time (finished_at - started_at of
+        the final run) of each job they finished. A reader that keeps the
+        returned last_id reads each event once: an id range of the primary
+        key, as long as the activity since the last call."""
+        with self._read() as conn:
+            window = (
+                select(events.c.id, events.c.kind, events.c.job_id)
+                .where(events.c.id > after_id).order_by(events.c.id).limit(limit)
+            ).subquery()
+            rows = conn.execute(
+                select(window.c.id, window.c.kind, jobs.c.started_at, jobs.c.finished_at)
+                .select_from(window.outerjoin(
+                    jobs, and_(jobs.c.id == window.c.job_id, window.c.kind.in_(FINISHED_STATES))
+                ))
+                .order_by(window.c.id)
+            ).all()
+        counts: dict[str, int] = {}
+        run_times = []
+        for _id, kind, started_at, finished_at in rows:
+            counts[kind] = counts.get(kind, 0) + 1
+            if started_at is not None and finished_at is not None:
+                run_times.append(max(0.0, finished_at - started_at))
+        return EventDelta(last_id=rows[-1].id if rows else after_id, counts=counts, run_times=run_times)
+
+    def job_ids(self, which: "JobFilter", limit: int) -> list[int]:
+        """Ids of up to `limit` jobs matching `which`, newest first (for
+        actions on every job of a filter). Unlike job_page(), a target or
+        text filter is not windowed: the action is meant for all of them."""
+        query = select(jobs.c.id).where(*which.conditions()).order_by(jobs.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            return list(conn.execute(query).scalars())
 
     def requeue(self, job_id: int, force: bool = False) -> Job:
         """Put a job back in the queue, with a new lease (so a run still

@@ -9,6 +9,10 @@
 #
 # Steps, in order; a failure stops the script with a non-zero status:
 #   1. check   the new release's CLI runs `config check` (nothing changed yet)
+#      quiet   `shiftchange quiet`: this host's servers stop claiming new jobs
+#              and keep running theirs, so nothing new starts on a server about
+#              to be stopped while the steps below run (a failure here is only
+#              a warning: the handoff still moves every job)
 #   2. migrate `shiftchange db upgrade` with the new release (only --migrate;
 #              the schema must keep serving the old release on other hosts)
 #   3. handoff `shiftchange handoff`: one transaction marks this host's
@@ -156,6 +160,11 @@ cd "$release_dir"
 # --- 1. check ------------------------------------------------------------------
 say "release $release_dir"
 "$cli" config check || die "config check failed for the new release; nothing was changed" 2
+
+# --- quiet ---------------------------------------------------------------------
+quiet=("$cli" quiet)
+[[ -z "$server" ]] || quiet+=(--server "$server")
+run "${quiet[@]}" || say "warning: quiet failed; going on (the handoff below still moves every job)"
 
 # --- 2. migrate ----------------------------------------------------------------
 if (( migrate )); then

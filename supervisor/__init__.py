@@ -13,4 +13,4 @@ __all__ = [
     "Queue", "Job", "Server", "Event", "current_job", "JobContext",
     "HandOff", "LeaseLost", "NotInJob", "ShiftchangeError",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

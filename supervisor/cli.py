@@ -54,11 +54,14 @@ def reports_errors(command):
     return wrapper
 
 
-def open_queue(config_path):
+def open_queue(config_path, create: bool = False):
+    """The queue of the configured database. Only producers (`enqueue`)
+    create the schema; every other command reads, and says so in one line
+    when there is no schema."""
     from supervisor.queue import Queue
 
     config = load_config(config_path)
-    return Queue(config.database.url, defaults=config)
+    return Queue(config.database.url, defaults=config, create=create)
 
 
 def print_json(data) -> None:
@@ -144,7 +147,7 @@ def enqueue(
     if command and (args or kwargs):
         raise ConfigError("--args and --kwargs do not apply to --command jobs; put arguments in ARGV")
     run_at, delay = parse_when(at) if at else (None, 0.0)
-    q = open_queue(config)
+    q = open_queue(config, create=True)
     spec = new_job(
         None if command else target[0],
         parse_json_option(args, "--args", list) or [],
@@ -180,19 +183,21 @@ def status(config: ConfigOption = None, json_: JsonOption = False):
     q = open_queue(config)
     servers = q.servers()
     # Every state is always listed, with 0 when no job is in it.
-    counts, queues = q.counts(), q.queue_counts()
+    counts, queues, paused = q.counts(), q.queue_counts(), q.paused_queues()
     if json_:
-        print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues})
+        print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues,
+                    "database": q.database, "paused": sorted(paused)})
         return
-    table = Table("id", "name", "host", "pid", "state", "heartbeat", "jobs", title="servers")
+    table = Table("id", "name", "host", "pid", "state", "heartbeat", "jobs", "version", title="servers")
     for s in servers:
-        table.add_row(s.id, s.name, s.host, str(s.pid), s.state, _age(s.heartbeat_age) + " ago",
-                      ",".join(map(str, s.jobs)) or "-")
+        table.add_row(s.id, s.name, s.host, str(s.pid), s.shown_state, _age(s.heartbeat_age) + " ago",
+                      ",".join(map(str, s.jobs)) or "-", s.version or "0.1.0")
     console = Console()
+    console.print(f"database: {q.database}", highlight=False, markup=False)
     console.print(table)
     totals = Table("queue", *counts.keys(), title="jobs")
     for name, by_state in sorted(queues.items()):
-        totals.add_row(name, *(str(by_state.get(state, 0)) for state in counts))
+        totals.add_row(name + (" (paused)" if name in paused else ""), *(str(by_state.get(state, 0)) for state in counts))
     totals.add_row("all", *(str(n) for n in counts.values()))
     console.print(totals)
 
@@ -317,6 +322,54 @@ def handoff(
 
 @app.command()
 @reports_errors
+def quiet(
+    server: Annotated[Optional[list[str]], typer.Option("--server", "-s", help="Server name or id; repeat for more (default: every running server on this host).")] = None,
+    undo: Annotated[bool, typer.Option("--undo", help="Let the servers claim again.")] = False,
+    config: ConfigOption = None,
+    json_: JsonOption = False,
+):
+    """Stop servers claiming new jobs; they keep running theirs and heartbeating.
+
+    For the start of a deploy: quiet the old servers, then hand them off at
+    the end. SIGTSTP to a supervisor does the same; --undo reverses it."""
+    changed = open_queue(config).quiet(server, quiet=not undo)
+    if json_:
+        print_json([{"id": s.id, "name": s.name, "quiet": not undo} for s in changed])
+        return
+    if not changed:
+        where = f"named {', '.join(server)}" if server else "registered from this host"
+        typer.echo(f"no running server {where}: nothing to change")
+    for s in changed:
+        typer.echo(f"server {s.name} ({s.id}): " + ("claiming again" if undo else "quiet: claims nothing new, keeps running its jobs"))
+
+
+@app.command()
+@reports_errors
+def pause(
+    queue: Annotated[str, typer.Argument(metavar="QUEUE", help="The queue to pause.")],
+    config: ConfigOption = None,
+):
+    """Pause a queue: no server claims its jobs until `shiftchange resume QUEUE`.
+
+    Its jobs stay enqueued and can still be enqueued; jobs already running
+    go on. Every server honours it from the moment this returns."""
+    changed = open_queue(config).pause(queue)
+    typer.echo(f"paused queue {queue}" if changed else f"queue {queue} was paused already")
+
+
+@app.command()
+@reports_errors
+def resume(
+    queue: Annotated[str, typer.Argument(metavar="QUEUE", help="The paused queue to resume.")],
+    config: ConfigOption = None,
+):
+    """Resume a paused queue: servers claim its jobs again."""
+    changed = open_queue(config).resume(queue)
+    typer.echo(f"resumed queue {queue}" if changed else f"queue {queue} was not paused")
+
+
+@app.command()
+@reports_errors
 def reap(config: ConfigOption = None, json_: JsonOption = False):
     """One pass of dead-server detection: requeue the jobs of servers whose heartbeat stopped."""
     taken = open_queue(config).storage.reap()
@@ -331,13 +384,13 @@ def reap(config: ConfigOption = None, json_: JsonOption = False):
 @reports_errors
 def db_upgrade(config: ConfigOption = None):
     """Create or upgrade the schema to this release's version."""
-    from supervisor.database import current_revision, head_revision, make_engine, mask_url, upgrade
+    from supervisor.database import make_engine, mask_url, upgrade
 
     settings = load_config(config)
     engine = make_engine(settings.database.url)
-    before = current_revision(engine) if _reachable(engine) else None
-    upgrade(engine)
-    typer.echo(f"{mask_url(settings.database.url)}: schema {before or 'none'} -> {head_revision()}")
+    _reachable(engine)
+    before, after = upgrade(engine)
+    typer.echo(f"{mask_url(settings.database.url)}: schema {before or 'none'} -> {after}")
 
 
 def _reachable(engine) -> bool:
@@ -395,14 +448,8 @@ def dashboard(
     )
     app_ = create_app(q, web)
     mode = f"read-only ({web.read_only_reason})" if web.read_only_reason else "actions need the token"
-    typer.echo(f"shiftchange dashboard on http://{host}:{port}/ for {q.database if hasattr(q, 'database') else _masked(settings)}; {mode}", err=True)
+    typer.echo(f"shiftchange dashboard on http://{host}:{port}/ for {q.database}; {mode}", err=True)
     uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False, server_header=False)
-
-
-def _masked(settings) -> str:
-    from supervisor.database import mask_url
-
-    return mask_url(settings.database.url)
 
 
 @app.command()

@@ -5,21 +5,47 @@ long: connect, read and lock waits are bounded, because a supervisor stuck in
 a call cannot heartbeat or hand off.
 """
 
+import functools
 import os
 import re
+from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import (
+    Column,
+    MetaData,
+    String,
+    Table,
+    column,
+    create_engine,
+    event,
+    insert,
+    inspect,
+    null,
+    select,
+    table,
+    text,
+    update,
+)
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
 from sqlalchemy.pool import NullPool
 
-from supervisor.errors import ConfigError, SchemaOutOfDate, StorageUnavailable
-from supervisor.tables import VERSION_TABLE, jobs
+from supervisor.errors import (
+    ConfigError,
+    SchemaMissing,
+    SchemaOutOfDate,
+    SchemaTooNew,
+    SchemaUpgradeFailed,
+    ShiftchangeError,
+    StorageUnavailable,
+)
+from supervisor.tables import COMPAT_TABLE, VERSION_TABLE, jobs, servers
 
 SQLITE_BUSY_TIMEOUT_S = 5.0
 CONNECT_TIMEOUT_S = 5
@@ -140,55 +166,365 @@ def unavailable(engine_or_url, exc: BaseException) -> StorageUnavailable:
 
 
 # --- migrations --------------------------------------------------------------
+#
+# Expand, then contract (docs/design.md, "Schema upgrades"). Two tables say
+# where a schema is:
+#   shiftchange_schema_version  Alembic's version table: the revision the
+#                               schema is really at.
+#   shiftchange_alembic_version the table release 0.1.0 reads as its version
+#                               table (and refuses anything but its head),
+#                               now the *compatibility marker*: the oldest
+#                               release head that can run on this schema.
+# An additive revision leaves the marker alone; a contract step (one that
+# drops or renames) moves it to the head of the oldest release that does
+# not need what it removes. A release runs on the schema when the real
+# revision is its head, or is newer and the marker is a revision it knows.
+
+FIRST_RELEASE_HEAD = "0002"  # release 0.1.0: where the marker starts
+SCHEMA_LOCK_NAME = "shiftchange_schema"  # MariaDB GET_LOCK name
+SCHEMA_LOCK_KEY = 0x73686966746368  # PostgreSQL advisory lock key ("shiftch")
+SCHEMA_LOCK_WAIT_S = 60
+# Where the migration scripts live; a test points it at a copy with an extra
+# contract step.
+script_location = str(resources.files("supervisor") / "migrations")
 
 
-def _alembic_config(connection) -> AlembicConfig:
+@dataclass(frozen=True)
+class SchemaState:
+    """What a database says about its schema."""
+
+    revision: str | None  # the real revision; None: no schema
+    marker: str | None  # the compatibility marker
+    has_tables: bool  # shiftchange_jobs exists (a schema with no revision is broken)
+    recorded: bool  # the real revision is in shiftchange_schema_version (0.2 and later)
+
+
+def _alembic_config(connection, version_table: str = VERSION_TABLE) -> AlembicConfig:
     config = AlembicConfig()
-    config.set_main_option(
-        "script_location", str(resources.files("supervisor") / "migrations")
-    )
+    config.set_main_option("script_location", script_location)
     config.attributes["connection"] = connection
+    config.attributes["version_table"] = version_table
     return config
+
+
+def _scripts() -> ScriptDirectory:
+    return _scripts_at(script_location)
+
+
+@functools.lru_cache(maxsize=4)
+def _scripts_at(location: str) -> ScriptDirectory:
+    return ScriptDirectory.from_config(_alembic_config(None))
 
 
 def head_revision() -> str:
     """The schema revision this release of shiftchange expects."""
-    return ScriptDirectory.from_config(_alembic_config(None)).get_current_head()
+    return _scripts().get_current_head()
+
+
+def known_revisions() -> list[str]:
+    """Every revision this release knows, oldest first."""
+    return [script.revision for script in reversed(list(_scripts().walk_revisions()))]
+
+
+def _version_in(conn, table_name: str) -> str | None:
+    if not inspect(conn).has_table(table_name):
+        return None
+    return conn.execute(select(column("version_num")).select_from(table(table_name))).scalar()
+
+
+def schema_state(conn) -> SchemaState:
+    """Read where the schema is, writing nothing."""
+    revision = _version_in(conn, VERSION_TABLE)
+    marker = _version_in(conn, COMPAT_TABLE)
+    return SchemaState(
+        # Before 0.2 the marker's table was the real version table.
+        revision=revision or marker,
+        marker=marker,
+        has_tables=inspect(conn).has_table(jobs.name),
+        recorded=revision is not None,
+    )
 
 
 def current_revision(engine: Engine) -> str | None:
     """The schema revision of the database, None when it has none."""
-    with engine.connect() as conn:
-        return MigrationContext.configure(
-            conn, opts={"version_table": VERSION_TABLE}
-        ).get_current_revision()
-
-
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Create or upgrade the schema to `revision`, in one go, no hand edits."""
     try:
-        with engine.begin() as conn:
-            command.upgrade(_alembic_config(conn), revision)
+        with engine.connect() as conn:
+            return schema_state(conn).revision
     except DBAPIError as exc:
         raise unavailable(engine, exc) from None
 
 
-def ensure_schema(engine: Engine) -> None:
-    """Create the schema on an empty database; refuse an out-of-date one.
+def marker_for(revision: str) -> str:
+    """The compatibility marker of a schema at `revision`: the head of the
+    oldest release that runs on it, moved only by contract steps."""
+    marker = FIRST_RELEASE_HEAD
+    for script in reversed(list(_scripts().iterate_revisions(revision, None))):
+        if not is_additive(script.module):
+            marker = script.module.oldest_release_head
+    return marker
 
-    Creating tables is safe to do implicitly; changing an existing schema is
-    an operator's decision (`shiftchange db upgrade`), so it is never implicit.
+
+def is_additive(module) -> bool:
+    """A migration only adds unless it says so: one that forgets to declare
+    itself is treated as a contract step, the safe side."""
+    return getattr(module, "additive", False)
+
+
+def usable(state: SchemaState, known: list[str], head: str) -> bool:
+    """Can this release (knowing `known`, up to `head`) run on the schema?"""
+    if state.revision == head:
+        return True
+    return state.revision not in known and state.revision is not None and state.marker in known
+
+
+def _too_new(engine, state: SchemaState) -> SchemaTooNew:
+    from supervisor import __version__
+
+    return SchemaTooNew(
+        f"the database {mask_url(engine.url)} has schema revision {state.revision}, which "
+        f"shiftchange {__version__} (schema {head_revision()}) cannot use: upgrade this "
+        f"server to a newer shiftchange"
+    )
+
+
+def _explain(engine, state: SchemaState) -> ShiftchangeError:
+    """Why a read-only command cannot use the schema, in one line."""
+    url = mask_url(engine.url)
+    if state.revision is None and not state.has_tables:
+        return SchemaMissing(
+            f"no shiftchange schema in {url}: create it with `shiftchange db upgrade` "
+            f"(or start `shiftchange run`)"
+        )
+    if state.revision is None:
+        return SchemaUpgradeFailed(
+            f"{url} has shiftchange tables but no schema revision: "
+            f"was it created by hand? run `shiftchange db upgrade` to check it"
+        )
+    if state.revision not in known_revisions():
+        return _too_new(engine, state)
+    return SchemaOutOfDate(
+        f"the database schema is at revision {state.revision}, this release needs "
+        f"{head_revision()}: start a server of this release or run `shiftchange db upgrade`"
+    )
+
+
+@contextmanager
+def schema_lock(engine: Engine):
+    """A connection in a transaction that holds the schema lock, so one
+    process at a time creates or upgrades the schema and everyone else waits
+    for it, then sees its result: a PostgreSQL advisory lock, MariaDB's
+    GET_LOCK, SQLite's write lock (BEGIN IMMEDIATE)."""
+    dialect = engine.dialect.name
+    try:
+        conn = engine.connect()
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from None
+    with conn:
+        if dialect in ("mysql", "mariadb"):
+            got = conn.execute(
+                text("SELECT GET_LOCK(:name, :wait)"),
+                {"name": SCHEMA_LOCK_NAME, "wait": SCHEMA_LOCK_WAIT_S},
+            ).scalar()
+            conn.commit()  # the lock belongs to the session, not the transaction
+            if got != 1:
+                raise _lock_timeout(engine)
+        if dialect == "sqlite":
+            conn.execution_options(sqlite_begin="IMMEDIATE")
+        try:
+            with conn.begin():
+                if dialect == "postgresql":
+                    conn.execute(text(f"SET LOCAL lock_timeout = '{SCHEMA_LOCK_WAIT_S}s'"))
+                    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
+                yield conn
+        finally:
+            if dialect in ("mysql", "mariadb"):
+                conn.rollback()
+                conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": SCHEMA_LOCK_NAME})
+                conn.commit()
+
+
+def _lock_timeout(engine) -> StorageUnavailable:
+    return StorageUnavailable(
+        f"waited {SCHEMA_LOCK_WAIT_S}s for the schema lock of {mask_url(engine.url)}: "
+        f"another process is creating or upgrading the schema"
+    )
+
+
+def upgrade(engine: Engine, revision: str = "head", contract: bool = True) -> tuple[str | None, str | None]:
+    """Create or upgrade the schema to `revision`, under the schema lock;
+    returns (revision before, revision after). Never migrates down, and
+    leaves a newer schema that this release may use alone. With
+    `contract=False` (a server or producer at start) only additive steps
+    run; a contract step also needs that no live server still runs a
+    release it would break."""
+    try:
+        with schema_lock(engine) as conn:
+            return _upgrade_locked(engine, conn, revision, contract)
+    except (OperationalError, InterfaceError) as exc:
+        if _is_lock_timeout(exc):
+            raise _lock_timeout(engine) from None
+        if getattr(exc, "connection_invalidated", False) or _connection_error(exc):
+            raise unavailable(engine, exc) from None
+        raise _failed(engine, revision, exc) from None
+    except DBAPIError as exc:
+        raise _failed(engine, revision, exc) from None
+
+
+def _failed(engine, revision, exc) -> SchemaUpgradeFailed:
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    target = head_revision() if revision == "head" else revision
+    return SchemaUpgradeFailed(
+        f"creating or upgrading the schema of {mask_url(engine.url)} to revision {target} failed: {reason}"
+    )
+
+
+def _is_lock_timeout(exc) -> bool:
+    text_ = str(getattr(exc, "orig", exc)).lower()
+    return "lock timeout" in text_ or "database is locked" in text_
+
+
+def _connection_error(exc) -> bool:
+    text_ = str(getattr(exc, "orig", exc)).lower()
+    return any(
+        words in text_
+        for words in ("connection refused", "server closed", "lost connection", "can't connect",
+                      "could not connect", "connection timed out", "terminating connection")
+    )
+
+
+def _upgrade_locked(engine, conn, revision, contract):
+    state = schema_state(conn)
+    known = known_revisions()
+    if state.revision is not None and state.revision not in known:
+        if state.marker in known:
+            return state.revision, state.revision  # newer, and declared compatible
+        raise _too_new(engine, state)
+    if state.revision is None and state.has_tables:
+        raise _explain(engine, state)
+    target = head_revision() if revision == "head" else revision
+    pending = _pending(state.revision, target)
+    contracts = [script for script in pending if not is_additive(script.module)]
+    if contracts and not contract:
+        raise SchemaOutOfDate(
+            f"the database schema is at revision {state.revision}; revision "
+            f"{contracts[0].revision} removes what older releases use, so only "
+            f"`shiftchange db upgrade` applies it"
+        )
+    if contracts:
+        _refuse_if_blocked(engine, conn, contracts)
+    if state.revision is not None and not state.recorded:
+        # A schema written by 0.1.0: its revision moves to the new table.
+        command.stamp(_alembic_config(conn), state.revision)
+    if pending:
+        command.upgrade(_alembic_config(conn), target)
+    _set_marker(conn, state.marker, marker_for(target))
+    return state.revision, target
+
+
+def _pending(current: str | None, target: str) -> list:
+    """The scripts between `current` (excluded) and `target`, oldest first."""
+    if current == target:
+        return []
+    return list(reversed(list(_scripts().iterate_revisions(target, current))))
+
+
+def _set_marker(conn, old: str | None, new: str) -> None:
+    if old == new:
+        return
+    marker = table(COMPAT_TABLE, column("version_num"))
+    if old is None:
+        Table(COMPAT_TABLE, MetaData(), Column("version_num", String(32), primary_key=True)).create(
+            conn, checkfirst=True
+        )
+        conn.execute(insert(marker).values(version_num=new))
+    else:
+        conn.execute(update(marker).values(version_num=new))
+
+
+def _refuse_if_blocked(engine, conn, contracts) -> None:
+    """A contract step waits until no live server runs a release that needs
+    what it removes; say which ones do."""
+    needed = max((script.module.oldest_release for script in contracts), key=release_tuple)
+    blockers = [
+        f"{name} on {host} (shiftchange {version or '0.1.0'})"
+        for name, host, version in _live_servers(conn)
+        if release_tuple(version or "0.1.0") < release_tuple(needed)
+    ]
+    if blockers:
+        raise SchemaUpgradeFailed(
+            f"not upgrading {mask_url(engine.url)}: revision {contracts[-1].revision} needs every "
+            f"live server on shiftchange {needed} or newer; still older: {', '.join(blockers)}"
+        )
+
+
+def _live_servers(conn) -> list[tuple[str, str, str | None]]:
+    """(name, host, version) of every server whose heartbeat is fresh."""
+    from supervisor.dbtime import db_now
+
+    has_version = "version" in {c["name"] for c in inspect(conn).get_columns(servers.name)}
+    version = servers.c.version if has_version else null()
+    query = select(servers.c.name, servers.c.host, version).where(
+        servers.c.state.in_(("running", "stopping")),
+        servers.c.heartbeat_at + servers.c.dead_after >= db_now(),
+    )
+    return [tuple(row) for row in conn.execute(query)]
+
+
+def release_tuple(version: str) -> tuple[int, ...]:
+    """"0.2.0.dev0" -> (0, 2, 0): a development version counts as its release."""
+    parts = []
+    for part in version.split("."):
+        if not part.isdigit():
+            break
+        parts.append(int(part))
+    return tuple(parts)
+
+
+def missing_sqlite_file(url: str) -> None:
+    """SchemaMissing when `url` is a SQLite file that does not exist: a
+    read-only command must not create it (make_engine would)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return  # make_engine says what is wrong with it
+    path = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
+        return
+    if not os.path.exists(path):
+        raise SchemaMissing(
+            f"no database at {mask_url(url)} (no file {path}): create it with "
+            f"`shiftchange db upgrade` (or start `shiftchange run`)"
+        )
+
+
+def ensure_schema(engine: Engine, create: bool = True) -> None:
+    """Make sure this release can run on the database's schema.
+
+    With `create` (run, enqueue, the Python API): create the schema on an
+    empty database and apply additive migrations, under the schema lock;
+    whoever loses the race waits and goes on. Without (reads): never write;
+    say in one line what is wrong. A newer schema is fine when declared
+    compatible with this release; otherwise: upgrade this server.
     """
     try:
-        revision = current_revision(engine)
-        if revision is None and not inspect(engine).has_table(jobs.name):
-            upgrade(engine)
-            return
+        with engine.connect() as conn:
+            state = schema_state(conn)
     except DBAPIError as exc:
         raise unavailable(engine, exc) from None
-    head = head_revision()
-    if revision != head:
-        raise SchemaOutOfDate(
-            f"the database schema is at revision {revision or 'none'}, this release "
-            f"needs {head}: run `shiftchange db upgrade`"
-        )
+    known, head = known_revisions(), head_revision()
+    if usable(state, known, head):
+        return
+    if state.revision is not None and state.revision not in known:
+        raise _too_new(engine, state)
+    if create:
+        upgrade(engine, contract=False)
+        return
+    # A reader may have come while another process creates the schema:
+    # wait for it (taking the lock writes nothing), then look again.
+    try:
+        with schema_lock(engine) as conn:
+            state = schema_state(conn)
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from None
+    if not usable(state, known, head):
+        raise _explain(engine, state)

@@ -28,7 +28,8 @@ class InvalidJob(ShiftchangeError):
 
 
 class InvalidFilter(ShiftchangeError):
-    """A job filter (state, queue, target, text) that cannot be applied."""
+    """A job filter (state, queue, target, text) or a queue name that
+    cannot be applied."""
 
     exit_code = EXIT_USAGE
 
@@ -38,7 +39,22 @@ class StorageUnavailable(ShiftchangeError):
 
 
 class SchemaOutOfDate(ShiftchangeError):
-    """The database schema is missing or older than this release expects."""
+    """The database schema is older than this release expects, and this
+    command may not (or a contract step must not implicitly) upgrade it."""
+
+
+class SchemaMissing(SchemaOutOfDate):
+    """The database has no shiftchange schema, and this command only reads."""
+
+
+class SchemaTooNew(ShiftchangeError):
+    """The schema is newer than this release and declared incompatible with
+    it: this server must be upgraded (the database is fine)."""
+
+
+class SchemaUpgradeFailed(ShiftchangeError):
+    """Creating or upgrading the schema failed (the database was reached),
+    or a contract step is blocked by live servers that still need it."""
 
 
 class JobNotFound(ShiftchangeError):

@@ -37,6 +37,7 @@ from supervisor.targets import AllowList, TargetRefused
 from supervisor.wakeup import Wakeups
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+QUIET_SIGNAL = signal.SIGTSTP  # as Sidekiq: stop claiming, keep running jobs
 SWEEP_EVERY_S = 300.0
 CLAIM_BATCH = 4
 KILL_REAP_TIMEOUT_S = 5.0  # SIGKILLed processes in D state may take a moment
@@ -55,6 +56,8 @@ class Supervisor:
         self.stop_signal_at: float | None = None
         self.hurry = False  # a second stop signal: skip what waiting is left
         self.claiming = True
+        self.quiet = False  # asked not to claim (SIGTSTP, `shiftchange quiet`), still serving
+        self.quiet_wanted = False  # SIGTSTP came; storage does not know yet
         self.idle = True  # the last claim found nothing
         self.dropping = False  # outcomes are not ours to record any more
         self.exit_requested = False
@@ -75,7 +78,7 @@ class Supervisor:
         os.set_blocking(self.wakeup_r, False)
         os.set_blocking(wakeup_w, False)
         signal.set_wakeup_fd(wakeup_w, warn_on_full_buffer=False)
-        for sig in (*STOP_SIGNALS, signal.SIGCHLD):
+        for sig in (*STOP_SIGNALS, QUIET_SIGNAL, signal.SIGCHLD):
             signal.signal(sig, self._queue_signal)
 
     def _queue_signal(self, signum, _frame) -> None:
@@ -87,6 +90,10 @@ class Supervisor:
             signum, at = self.signals.pop(0)
             if signum == signal.SIGCHLD:
                 continue  # collect_children runs on every wake-up anyway
+            if signum == QUIET_SIGNAL:
+                self.quiet_wanted = True  # written to storage by the loop
+                self._note_quiet(True, f"received {signal.Signals(signum).name}")
+                continue
             if self.stop_signal is None:
                 self.stop_signal, self.stop_signal_at = signum, at
                 event("received %s: shutting down", signal.Signals(signum).name, event="signal")
@@ -156,6 +163,7 @@ class Supervisor:
         )
         self.beat_failing_since = None
         self.next_beat = clock() + server.heartbeat_interval
+        self.quiet_wanted = self.quiet_wanted or self.quiet  # a new registration stays quiet
         event(
             "server %s registered as %s (pid %d, queues %s, concurrency %d)",
             server.name, self.server_id, os.getpid(), ",".join(server.queues), server.concurrency,
@@ -209,15 +217,17 @@ class Supervisor:
         if self.exit_requested or (self.stop_signal is not None and not self.draining):
             return  # the shutdown sequence starts now, not after a heartbeat
         now = clock()
+        if self.quiet_wanted and self.server_id:
+            self._record_quiet()
         if now >= self.next_beat:
             self.beat()
-        if self.claiming and now >= self.next_claim and self.server_id:
+        if self.claiming and not self.quiet and now >= self.next_claim and self.server_id:
             self.claim()
         self._ping_watchdog()
 
     def _next_wake(self) -> float:
         wakes = [self.next_beat]
-        if self.claiming and len(self.running) < self.config.server.concurrency:
+        if self.claiming and not self.quiet and len(self.running) < self.config.server.concurrency:
             wakes.append(self.next_claim)
         if self.watchdog:
             wakes.append(self.next_watchdog)
@@ -356,14 +366,37 @@ class Supervisor:
         if self.beat_failing_since is not None:
             self.beat_failing_since = None
             event("database reachable again", event="db_reachable")
-        if state != "running" or self.fenced:
+        if state not in ("running", "quiet") or self.fenced:
             self._lost_server(state)
             return
         self.last_beat_sent = sent
+        self._note_quiet(state == "quiet" or self.quiet_wanted, "asked from outside")
         for child in self.running.values():
             child.renew(self.fence_deadline())
         self._kill_runs_of_lost_jobs()
         self._housekeeping()
+
+    def _record_quiet(self) -> None:
+        """Make a SIGTSTP durable, so `status` shows it and a restart of the
+        loop (a new registration) keeps it."""
+        try:
+            self.storage.set_quiet([self.server_id], True)
+            self.quiet_wanted = False
+        except StorageUnavailable as exc:
+            event("cannot record that this server is quiet yet: %s", exc, level=logging.WARNING,
+                  event="db_unreachable")
+
+    def _note_quiet(self, quiet: bool, why: str) -> None:
+        if quiet == self.quiet:
+            return
+        self.quiet = quiet
+        if quiet:
+            event("server %s is quiet (%s): it claims nothing new and keeps running its %d jobs",
+                  self.config.server.name, why, len(self.running), event="quiet", server=self.server_id)
+        else:
+            event("server %s is no longer quiet: claiming again", self.config.server.name,
+                  event="unquiet", server=self.server_id)
+            self.next_claim = clock()
 
     def _kill_runs_of_lost_jobs(self) -> None:
         """An operator may requeue or delete a job while it runs here; its

@@ -3,7 +3,7 @@
 from datetime import datetime
 
 from supervisor.config import Config, load_config
-from supervisor.database import ensure_schema, make_engine
+from supervisor.database import ensure_schema, make_engine, mask_url, missing_sqlite_file
 from supervisor.errors import ActionRefused, JobNotFound, UnknownServer
 from supervisor.records import JOB_STATES, Job, QueueSummary, Server
 from supervisor.storage import COUNTED_STATES, EventHistogram, JobFilter, JobPage, Storage, new_job
@@ -17,20 +17,34 @@ class Queue:
     """A handle on one shiftchange database.
 
     `Queue(url)` connects to the database at `url`, creating the schema if the
-    database is empty. `Queue.from_config(path)` reads the YAML config
-    (see supervisor.config for where it is looked for).
+    database is empty and applying additive migrations (under the schema
+    lock). `Queue(url, create=False)` only reads and never writes the schema
+    or creates a SQLite file: on a database without the schema it raises
+    SchemaMissing. `Queue.from_config(path)` reads the YAML config (see
+    supervisor.config for where it is looked for).
     """
 
-    def __init__(self, url: str, *, defaults: Config | None = None):
+    def __init__(self, url: str, *, defaults: Config | None = None, create: bool = True):
         self.config = defaults or Config()
+        if not create:
+            missing_sqlite_file(url)
         self.engine = make_engine(url, pre_ping=True)
-        ensure_schema(self.engine)
+        try:
+            ensure_schema(self.engine, create=create)
+        except BaseException:
+            self.engine.dispose()
+            raise
         self.storage = Storage(self.engine)
 
+    @property
+    def database(self) -> str:
+        """The database URL, password masked: safe to print."""
+        return mask_url(self.engine.url)
+
     @classmethod
-    def from_config(cls, path: str | None = None) -> "Queue":
+    def from_config(cls, path: str | None = None, *, create: bool = True) -> "Queue":
         config = load_config(path)
-        return cls(config.database.url, defaults=config)
+        return cls(config.database.url, defaults=config, create=create)
 
     def enqueue(
         self,
@@ -91,6 +105,17 @@ class Queue:
     def queue_counts(self) -> dict[str, dict[str, int]]:
         return self.storage.counts()
 
+    def quiet(self, servers: list[str] | None = None, quiet: bool = True) -> list[Server]:
+        """Ask servers (names or ids; default: every live server of this
+        host) to stop claiming new jobs while they keep running theirs and
+        heartbeating -- or, with quiet=False, to claim again. Returns the
+        servers changed; UnknownServer for a name no server ever had."""
+        from supervisor.handoff import choose_servers
+
+        chosen = choose_servers(self.storage, servers)
+        changed = set(self.storage.set_quiet([s.id for s in chosen], quiet))
+        return [s for s in chosen if s.id in changed]
+
     def requeue(self, job_id: int, force: bool = False) -> Job:
         """Run a job again from the start. A succeeded job is refused
         (ActionRefused) unless `force`: its code would run a second time."""
@@ -145,8 +170,18 @@ class Queue:
             for name in names
         ]
 
+    def pause(self, queue: str) -> bool:
+        """Pause `queue`: every server stops claiming its jobs from the
+        commit on; they stay enqueued (running ones go on). False if it was
+        paused already."""
+        return self.storage.pause_queue(queue)
+
+    def resume(self, queue: str) -> bool:
+        """Let servers claim `queue`'s jobs again. False if it was not paused."""
+        return self.storage.resume_queue(queue)
+
     def paused_queues(self) -> set[str]:
-        return set()
+        return self.storage.paused_queues()
 
     def event_histogram(self, span: float = 3600.0, buckets: int = 60) -> EventHistogram:
         """The last `span` seconds of WATCHED_EVENTS, counted in `buckets`."""

@@ -118,6 +118,9 @@ class Server:
     stopped_at: float | None
     heartbeat_age: float  # seconds, by the database clock
     jobs: list[int] = field(default_factory=list)
+    version: str | None = None  # shiftchange version; None: 0.1.0, which did not record it
+    release: str | None = None  # the deploy release it runs
+    quiet: bool = False  # alive, but not claiming
 
     @classmethod
     def from_row(cls, row, now: float, job_ids: list[int]) -> "Server":
@@ -136,6 +139,9 @@ class Server:
             stopped_at=row.stopped_at,
             heartbeat_age=max(0.0, now - row.heartbeat_at),
             jobs=job_ids,
+            version=row.version,
+            release=row.release,
+            quiet=bool(row.quiet),
         )
 
     def to_dict(self) -> dict:
@@ -144,7 +150,7 @@ class Server:
             "name": self.name,
             "host": self.host,
             "pid": self.pid,
-            "state": self.state,
+            "state": self.shown_state,
             "queues": self.queues,
             "concurrency": self.concurrency,
             "started_at": to_iso(self.started_at),
@@ -152,7 +158,16 @@ class Server:
             "heartbeat_age": round(self.heartbeat_age, 3),
             "stopped_at": to_iso(self.stopped_at),
             "jobs": self.jobs,
+            "version": self.version,
+            "release": self.release,
+            "quiet": self.quiet,
         }
+
+    @property
+    def shown_state(self) -> str:
+        """The state as people read it: a running server asked not to claim
+        is `quiet` (stored as `running` plus a flag, see tables.py)."""
+        return "quiet" if self.quiet and self.state == "running" else self.state
 
 
 @dataclass(frozen=True)

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 from sqlalchemy import and_, delete, exists, func, insert, select, text, tuple_, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from supervisor.database import unavailable
 from supervisor.dbtime import db_now
 from supervisor.errors import ActionRefused, InvalidFilter, InvalidJob, JobNotFound
 from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
-from supervisor.tables import events, jobs, servers
+from supervisor.tables import events, jobs, queues as queue_settings, servers
 from supervisor.targets import check_callable_syntax
 
 MAX_PAYLOAD_BYTES = 1 << 20  # args + kwargs, and each checkpoint
@@ -296,7 +296,11 @@ class Storage:
     def register_server(
         self, *, name, host, pid, pid_started_at, queues, concurrency, dead_after
     ) -> str:
-        """Register a new running server; returns its new id."""
+        """Register a new running server; returns its new id. It records the
+        shiftchange version it runs, so `db upgrade` can tell which live
+        servers a contract step would break."""
+        from supervisor import __version__
+
         server_id = uuid.uuid4().hex
         with self._write() as conn:
             conn.execute(
@@ -312,6 +316,7 @@ class Storage:
                     dead_after=dead_after,
                     started_at=db_now(),
                     heartbeat_at=db_now(),
+                    version=__version__,
                 )
             )
         return server_id
@@ -320,20 +325,37 @@ class Storage:
         """Refresh the server's heartbeat, which is also the lease of every job
         it runs (a job's lease lasts as long as its server's heartbeat is
         fresh, so one row write extends them all). Returns the server's state:
-        `running` when the heartbeat was recorded; `dead`, `stopping` or
-        `stopped` when someone else decided this server is finished; None
-        when its row is gone."""
+        `running` when the heartbeat was recorded, `quiet` when it was and
+        the server is asked not to claim; `dead`, `stopping` or `stopped`
+        when someone else decided this server is finished; None when its row
+        is gone."""
         with self._write() as conn:
             beat = conn.execute(
                 update(servers)
                 .where(servers.c.id == server_id, servers.c.state == "running")
                 .values(heartbeat_at=db_now())
             )
+            row = conn.execute(
+                select(servers.c.state, servers.c.quiet).where(servers.c.id == server_id)
+            ).first()
             if beat.rowcount == 1:
-                return "running"
-            return conn.execute(
-                select(servers.c.state).where(servers.c.id == server_id)
-            ).scalar_one_or_none()
+                return "quiet" if row.quiet else "running"
+            return None if row is None else row.state
+
+    def set_quiet(self, server_ids, quiet: bool = True) -> list[str]:
+        """Ask live servers to stop claiming (quiet) or to claim again. A
+        quiet server keeps running its jobs and heartbeating; its state stays
+        `running`, so every reaper, old releases' included, still sees it
+        alive. Claims read the flag in their own transaction, so it holds
+        from the commit on. Returns the ids changed."""
+        ids = [server_ids] if isinstance(server_ids, str) else list(server_ids)
+        with self._write() as conn:
+            live = conn.execute(
+                select(servers.c.id).where(servers.c.id.in_(ids), servers.c.state.in_(LIVE_SERVER_STATES))
+            ).scalars().all()
+            if live:
+                conn.execute(update(servers).where(servers.c.id.in_(live)).values(quiet=quiet))
+            return list(live)
 
     # claiming and results ----------------------------------------------------
 
@@ -348,16 +370,22 @@ class Storage:
         if probe and not self.locks_rows and not self._anything_due(queues):
             return []
         with self._write() as conn:
-            state = conn.execute(
-                self._for_update(select(servers.c.state).where(servers.c.id == server_id), read=True)
-            ).scalar_one_or_none()
-            if state != "running":
+            server = conn.execute(
+                self._for_update(select(servers.c.state, servers.c.quiet).where(servers.c.id == server_id), read=True)
+            ).first()
+            if server is None or server.state != "running" or server.quiet:
+                return []
+            # A paused queue's jobs stay enqueued. The paused set is read in
+            # this claiming transaction, so every server honours a pause
+            # from its commit on, with nothing to restart or notify.
+            open_queues = self._unpaused(conn, queues)
+            if not open_queues:
                 return []
             due = (
                 select(jobs.c.id)
                 .where(
                     jobs.c.state == "enqueued",
-                    jobs.c.queue.in_(list(queues)),
+                    jobs.c.queue.in_(open_queues),
                     jobs.c.run_at <= db_now(),
                 )
                 .order_by(jobs.c.priority.desc(), jobs.c.id)
@@ -394,11 +422,65 @@ class Storage:
 
     def _anything_due(self, queues) -> bool:
         with self._read() as conn:
-            return conn.execute(
+            open_queues = self._unpaused(conn, queues)
+            return bool(open_queues) and conn.execute(
                 select(jobs.c.id).where(
-                    jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), jobs.c.run_at <= db_now()
+                    jobs.c.state == "enqueued", jobs.c.queue.in_(open_queues), jobs.c.run_at <= db_now()
                 ).limit(1)
             ).first() is not None
+
+    def _unpaused(self, conn, queues) -> list[str]:
+        """Of `queues`, those not paused."""
+        wanted = list(queues)
+        paused = set(conn.execute(
+            select(queue_settings.c.name).where(queue_settings.c.name.in_(wanted), queue_settings.c.paused)
+        ).scalars())
+        return [name for name in wanted if name not in paused]
+
+    # pausing queues ------------------------------------------------------------
+
+    def pause_queue(self, name: str) -> bool:
+        """Pause a queue: no server claims its jobs, which stay `enqueued`
+        (jobs already running go on). One transaction; claims read it in
+        theirs, so it holds for every server from the commit on. Returns
+        False when it was paused already."""
+        return self._set_paused(name, True)
+
+    def resume_queue(self, name: str) -> bool:
+        """Let servers claim a paused queue's jobs again, from the commit on.
+        Returns False when it was not paused."""
+        return self._set_paused(name, False)
+
+    def paused_queues(self) -> set[str]:
+        """The names of the paused queues."""
+        with self._read() as conn:
+            return set(conn.execute(select(queue_settings.c.name).where(queue_settings.c.paused)).scalars())
+
+    def _set_paused(self, name: str, paused: bool) -> bool:
+        if not isinstance(name, str) or not QUEUE_NAME.match(name):
+            raise InvalidFilter(f"queue name {name!r} is not valid: 1-200 of letters, digits and _ . : @ / -")
+        try:
+            return self._write_paused(name, paused)
+        except IntegrityError:
+            # Two first-ever pauses of one queue inserted its row at once:
+            # the row exists now, so the second try is a plain update.
+            return self._write_paused(name, paused)
+
+    def _write_paused(self, name: str, paused: bool) -> bool:
+        with self._write() as conn:
+            was = conn.execute(
+                self._for_update(select(queue_settings.c.paused).where(queue_settings.c.name == name))
+            ).scalar_one_or_none()
+            if bool(was) == paused:
+                return False
+            if was is None:
+                conn.execute(insert(queue_settings).values(name=name, paused=paused, changed_at=db_now()))
+            else:
+                conn.execute(update(queue_settings).where(queue_settings.c.name == name)
+                             .values(paused=paused, changed_at=db_now()))
+            if not paused:
+                self._wake(conn)  # idle servers may claim its jobs now
+            return True
 
     def _fenced(self, job_id: int, lease: int):
         """The row of a job still processing under this lease."""

@@ -8,6 +8,7 @@ came to be, and tests check that both agree.
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Double,
     Index,
@@ -16,11 +17,17 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 from sqlalchemy.dialects import mysql
 
 PREFIX = "shiftchange_"
-VERSION_TABLE = PREFIX + "alembic_version"
+# Alembic's version table: the revision the schema is really at.
+VERSION_TABLE = PREFIX + "schema_version"
+# The table release 0.1.0 reads as its version table. It now holds the
+# *compatibility marker*: the oldest release head that can run on this
+# schema (see database.py and docs/design.md, "Schema upgrades").
+COMPAT_TABLE = PREFIX + "alembic_version"
 
 metadata = MetaData()
 
@@ -83,6 +90,12 @@ servers = Table(
     Column("started_at", Epoch, nullable=False),
     Column("heartbeat_at", Epoch, nullable=False),
     Column("stopped_at", Epoch),
+    # Added by revision 0003; a 0.1.0 server leaves them at their defaults.
+    Column("version", String(32)),  # shiftchange version the server runs
+    Column("release", String(200)),  # the deploy release it belongs to
+    # Alive but not claiming. `state` stays `running`, so an older server's
+    # reaper still sees a quiet server as alive.
+    Column("quiet", Boolean, nullable=False, server_default=false()),
 )
 Index("ix_shiftchange_servers_liveness", servers.c.state, servers.c.heartbeat_at)
 Index("ix_shiftchange_servers_host", servers.c.host, servers.c.name)
@@ -100,3 +113,13 @@ events = Table(
 )
 Index("ix_shiftchange_events_job", events.c.job_id, events.c.id)
 Index("ix_shiftchange_events_at", events.c.at)
+
+# Added by revision 0003: per-queue settings; a paused queue is not claimed
+# from (by servers of 0.2 and later: 0.1.0 knows nothing of it).
+queues = Table(
+    PREFIX + "queues",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("paused", Boolean, nullable=False, server_default=false()),
+    Column("changed_at", Epoch),
+)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from supervisor import Queue
 from supervisor.cli import app
-from supervisor.database import head_revision
+from supervisor.database import head_revision, mask_url
 from supervisor.tables import servers
 
 # --- running the command ----------------------------------------------------------
@@ -76,10 +76,17 @@ def assert_one_line_error(ran: Ran, code: int, *words: str) -> None:
 
 
 @pytest.fixture
-def db(e2e_db_url, tmp_path):
+def no_schema(e2e_db_url, tmp_path):
     """An empty database named by ./shiftchange.yaml; yields its URL."""
     (tmp_path / "shiftchange.yaml").write_text(f"database:\n  url: {e2e_db_url}\n")
     return e2e_db_url
+
+
+@pytest.fixture
+def db(no_schema):
+    """An empty queue (the schema and no job) named by ./shiftchange.yaml."""
+    Queue(no_schema).close()
+    return no_schema
 
 
 def enqueue(*args: str) -> int:
@@ -163,7 +170,7 @@ def test_read_commands_have_json(command):
 # --- schema ---------------------------------------------------------------------------
 
 
-def test_db_upgrade_on_an_empty_database(db):
+def test_db_upgrade_on_an_empty_database(no_schema):
     ran = cli("db", "upgrade")
     assert ran.code == 0, ran.err
     assert f"schema none -> {head_revision()}" in ran.out
@@ -249,10 +256,11 @@ def test_status(db):
     assert table.code == 0 and "worker-1" in table.out
 
 
-def test_status_on_an_empty_database_lists_every_state(db):
+def test_status_on_an_empty_queue_lists_every_state(db):
     data = ok_json("status")
     check_status(data)
-    assert data == {"servers": [], "counts": dict.fromkeys(JOB_STATES, 0), "queues": {}}
+    assert data == {"servers": [], "counts": dict.fromkeys(JOB_STATES, 0), "queues": {},
+                    "database": mask_url(db), "paused": []}
 
 
 def test_job_that_does_not_exist(db):
@@ -384,7 +392,7 @@ def test_config_check_masks_the_password(tmp_path):
 def test_config_check_without_a_file_shows_the_defaults():
     data = ok_json("config", "check")
     assert data["source"] is None and data["config"]["database"]["url"] == "sqlite:///shiftchange.db"
-    assert set(data["config"]) == {"database", "server", "shutdown", "jobs", "log"}
+    assert set(data["config"]) == {"database", "server", "shutdown", "jobs", "log", "dashboard"}
 
 
 def test_an_unreachable_database_is_a_runtime_failure(tmp_path):

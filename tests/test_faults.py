@@ -133,7 +133,7 @@ def test_sigterm_while_retrying_at_start_exits_0_before_registering(supervisors)
     assert sup.survivors() == []
 
 
-def test_an_older_schema_is_refused_with_a_pointer_to_db_upgrade(e2e_db_url, tmp_path):
+def test_an_older_schema_is_refused_by_reads_and_upgraded_by_a_producer(e2e_db_url, tmp_path):
     engine = make_engine(e2e_db_url)
     try:
         upgrade(engine, "0001")
@@ -141,13 +141,13 @@ def test_an_older_schema_is_refused_with_a_pointer_to_db_upgrade(e2e_db_url, tmp
         engine.dispose()
     (tmp_path / "shiftchange.yaml").write_text(yaml.safe_dump(
         {"database": {"url": e2e_db_url, "retry_for": "30s"}, "jobs": {"allow": ["scjobs:*"]}}))
-    for command in (["run"], ["status"], ["enqueue", "scjobs:quick"]):
+    for command in (["status"], ["jobs"], ["reap"]):
         ran = shiftchange(*command, cwd=tmp_path, timeout=20)  # no retrying: it is not an outage
         assert ran.returncode == 1, (command, ran.stderr)
         line = one_line_error(ran.stderr)
         assert "revision 0001" in line and head_revision() in line and "`shiftchange db upgrade`" in line, line
-    upgraded = shiftchange("db", "upgrade", cwd=tmp_path)
-    assert upgraded.returncode == 0, upgraded.stderr
+    # Every step since 0001 only adds: a producer (like a server) applies them.
+    assert shiftchange("enqueue", "scjobs:quick", cwd=tmp_path).returncode == 0
     assert shiftchange("status", "--json", cwd=tmp_path).returncode == 0
 
 

@@ -2,6 +2,7 @@
 than dead_after, a restart while the predecessor is a zombie, operator
 typos, and what `ps` shows. Judged from the jobs' own records too."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -150,3 +151,45 @@ def test_ps_tells_the_supervisor_its_children_and_jobs_apart(queue, e2e_db_url, 
         "child": f"shiftchange: child of job {job.id}",
         "job": f"shiftchange: job {job.id} scjobs:spin",
     }
+
+
+def server_row(queue, server_id):
+    return next(s for s in queue.servers() if s.id == server_id)
+
+
+def test_a_quiet_server_claims_nothing_but_finishes_its_jobs_and_heartbeats(any_queue, db_url, supervisors, records):
+    sup = supervisors(db_url, "web-1", server={"heartbeat_interval": "300ms", "dead_after": "3s"})
+    server = sup.wait_registered(any_queue)
+    running = any_queue.enqueue("scjobs:finish_after", [str(records), 1.5])
+    wait_for(lambda: runs(records, running.id), what="the job to start")
+
+    sup.send(signal.SIGTSTP)  # Sidekiq's quiet signal; the process must not stop
+    wait_for(lambda: server_row(any_queue, server.id).quiet, what="the quiet flag in storage")
+    status = json.loads(cli(sup, "status", "--json").stdout)
+    assert [s["state"] for s in status["servers"] if s["id"] == server.id] == ["quiet"]
+    waiting = any_queue.enqueue("scjobs:quick", [str(records)])
+
+    wait_for(lambda: any_queue.get(running.id).state == "succeeded", what="the running job to finish here")
+    finished = any_queue.get(running.id)
+    assert [e.kind for e in finished.events].count("claimed") == 1 and finished.interruptions == 0
+    beat = server_row(any_queue, server.id).heartbeat_at
+    wait_for(lambda: server_row(any_queue, server.id).heartbeat_at > beat + 0.5, what="two more heartbeats")
+    assert any_queue.get(waiting.id).state == "enqueued", "a quiet server claimed a job"
+    assert sup.proc.poll() is None and server_row(any_queue, server.id).state == "running"
+
+    undo = cli(sup, "quiet", "--undo", "--server", "web-1")
+    assert undo.returncode == 0 and "claiming again" in undo.stdout, undo.stderr
+    wait_for(lambda: read_lines(records / "quick"), what="the waiting job to run once unquieted")
+    assert "is quiet" in sup.log() and "no longer quiet" in sup.log()
+
+
+def test_shiftchange_quiet_from_outside_and_its_typo_check(queue, e2e_db_url, supervisors, records):
+    sup = supervisors(e2e_db_url, "web-1")
+    server = sup.wait_registered(queue)
+    done = cli(sup, "quiet", "--server", "web-1", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout) == [{"id": server.id, "name": "web-1", "quiet": True}]
+    job = queue.enqueue("scjobs:quick", [str(records)])
+    wait_for(lambda: "is quiet" in sup.log(), what="the supervisor to notice at its heartbeat")
+    assert queue.get(job.id).state == "enqueued"
+    typo = cli(sup, "quiet", "--server", "web-l")
+    assert typo.returncode == 1 and "web-1" in typo.stderr

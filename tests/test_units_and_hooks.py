@@ -356,7 +356,7 @@ def commands(tmp_path) -> list[str]:
 def test_deploy_hands_off_before_switching_current(tmp_path, app):
     proc = deploy(tmp_path, app, "--release", "r2", "--start", "none", "--timeout", "12")
     assert proc.returncode == 0, proc.stderr
-    assert commands(tmp_path) == ["config check", "handoff --timeout 12"]
+    assert commands(tmp_path) == ["config check", "quiet", "handoff --timeout 12"]
     handoff = calls(tmp_path / "calls.log")[1]
     # The old release was still `current` while its jobs were handed off...
     assert "current=releases/r1" in handoff
@@ -370,7 +370,7 @@ def test_deploy_hands_off_before_switching_current(tmp_path, app):
 def test_deploy_migrates_before_the_handoff(tmp_path, app):
     proc = deploy(tmp_path, app, "--release", "r2", "--start", "none", "--migrate")
     assert proc.returncode == 0, proc.stderr
-    assert commands(tmp_path) == ["config check", "db upgrade", "handoff --timeout 30"]
+    assert commands(tmp_path) == ["config check", "quiet", "db upgrade", "handoff --timeout 30"]
 
 
 def test_deploy_passes_config_and_server(tmp_path, app):
@@ -384,7 +384,15 @@ def test_deploy_passes_config_and_server(tmp_path, app):
     assert proc.returncode == 0, proc.stderr
     log = calls(tmp_path / "calls.log")
     assert all(f"config={config}" in call for call in log), log
-    assert commands(tmp_path)[-1] == "handoff --timeout 30 --server web-1"
+    assert commands(tmp_path)[-2:] == ["quiet --server web-1", "handoff --timeout 30 --server web-1"]
+
+
+def test_deploy_goes_on_when_quiet_fails(tmp_path, app):
+    proc = deploy(tmp_path, app, "--release", "r2", "--start", "none", STUB_EXIT_quiet=1)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: quiet failed" in proc.stderr
+    assert commands(tmp_path) == ["config check", "quiet", "handoff --timeout 30"]
+    assert os.readlink(app / "current") == "releases/r2"
 
 
 @pytest.mark.parametrize("code", [1, 2])
@@ -441,6 +449,7 @@ def test_deploy_restarts_the_systemd_units_after_the_switch(tmp_path, app):
     log = calls(tmp_path / "calls.log")
     assert [call.split(" | ")[0] for call in log] == [
         "config check",
+        "quiet",
         "handoff --timeout 30",
         "restart shiftchange@mail.service shiftchange@reports.service",
     ]
@@ -455,7 +464,7 @@ def test_deploy_background_start_runs_the_new_release_detached(tmp_path, app):
     pid_file = Path(str(tmp_path / "calls.log") + ".pid")
     try:
         assert proc.returncode == 0, proc.stderr
-        assert commands(tmp_path) == ["config check", "handoff --timeout 30", "run"]
+        assert commands(tmp_path) == ["config check", "quiet", "handoff --timeout 30", "run"]
         pid = int(pid_file.read_text())
         os.kill(pid, 0)  # still running after the script returned
         assert os.getsid(pid) == pid, "not in a session of its own"

@@ -1,6 +1,6 @@
 """Alembic environment: runs on a connection that shiftchange hands over.
 
-shiftchange never reads alembic.ini; see supervisor/migrate.py.
+shiftchange never reads alembic.ini; see supervisor/database.py.
 """
 
 from alembic import context
@@ -11,7 +11,9 @@ connection = context.config.attributes["connection"]
 context.configure(
     connection=connection,
     target_metadata=metadata,
-    version_table=VERSION_TABLE,  # never the application's alembic_version
+    # Never the application's alembic_version. A test builds a schema the
+    # way 0.1.0 did by naming 0.1.0's version table here.
+    version_table=context.config.attributes.get("version_table", VERSION_TABLE),
     render_as_batch=connection.dialect.name == "sqlite",
 )
 with context.begin_transaction():

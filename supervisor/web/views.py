@@ -53,11 +53,8 @@ def when(epoch: float | None) -> str:
 
 
 def display_state(server: Server) -> str:
-    """`quiet` is a running server that claims nothing (its stored state
-    stays `running`); the other states are as stored."""
-    if server.state == "running" and getattr(server, "quiet", False):
-        return "quiet"
-    return server.state
+    """Server.shown_state: `quiet` for a running server that claims nothing."""
+    return server.shown_state
 
 
 def install_filters(env) -> None:

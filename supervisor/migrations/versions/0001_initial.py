@@ -14,6 +14,9 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
+# Expand/contract (docs/design.md, "Schema upgrades"): creates, removes nothing.
+additive = True
+
 
 def upgrade():
     op.create_table(

@@ -14,6 +14,9 @@ down_revision = "0001"
 branch_labels = None
 depends_on = None
 
+# Expand/contract (docs/design.md, "Schema upgrades"): only adds a column.
+additive = True
+
 
 def upgrade():
     op.add_column("shiftchange_jobs", sa.Column("checkpoint", LongText))

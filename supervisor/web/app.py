@@ -88,6 +88,11 @@ def create_app(queue: Queue, settings: DashboardSettings) -> Starlette:
     """The dashboard as an ASGI app, serving `queue`."""
     env = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(default=True))
     views.install_filters(env)
+    # The macros are globals, not imports: a live block rendered on its own
+    # does not run its template's top-level imports.
+    macros = env.get_template("_macros.html").module
+    for name in ("state", "action", "job_target", "server_link", "servers_table"):
+        env.globals[name] = getattr(macros, name)
     routes = [
         Route("/", overview_page),
         Route("/jobs", jobs_page),

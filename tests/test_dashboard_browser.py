@@ -151,11 +151,12 @@ def test_the_dashboard_in_a_real_browser(e2e_db_url, supervisors, records, brows
         page.screenshot("overview")
 
         # A job finishes while its page is open: the page follows, no reload.
-        job = q.enqueue("scjobs:finish_after", [str(records), 1.5])
+        job = q.enqueue("scjobs:until_file", [str(records), "finish"])
         page.open(f"/jobs/{job.id}")
         browser.execute_script("window.stillTheSamePage = 42")
         wait_for(lambda: "processing" in page.text("[data-live-block=live_state]"), 20, "the job to run")
         page.screenshot("job-running")
+        (records / "finish").touch()
         wait_for(lambda: "succeeded" in page.text("[data-live-block=live_state]"), 20, "the page to show success")
         assert browser.execute_script("return window.stillTheSamePage") == 42
         assert (records / f"job-{job.id}.done").exists() and q.get(job.id).state == "succeeded"

@@ -17,7 +17,7 @@ from sqlalchemy import text
 from benchmarks.procs import Supervisor, fresh_database, read_marker, summary, wait_until
 from supervisor import Queue
 from supervisor.processes import clock
-from supervisor.storage import new_job
+from supervisor.jobspec import new_job
 
 SPIN = "benchmarks.bjobs:spin"
 

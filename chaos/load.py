@@ -14,7 +14,8 @@ from sqlalchemy import func, select
 
 from chaos.cluster import Supervisor, TreeWatcher, alive, database_url, write_config
 from supervisor.database import ensure_schema, make_engine
-from supervisor.storage import Storage, new_job
+from supervisor.jobspec import new_job
+from supervisor.storage import Storage
 from supervisor.tables import events, jobs
 
 BATCH = 250

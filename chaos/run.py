@@ -31,7 +31,8 @@ from chaos.cluster import (
     write_config,
 )
 from supervisor.database import SQLITE_BUSY_TIMEOUT_S, ensure_schema, make_engine
-from supervisor.storage import Storage, new_job
+from supervisor.jobspec import new_job
+from supervisor.storage import Storage
 
 NAMES = ("alpha", "bravo", "charlie")
 # (kind, share of the jobs). Durations are log-uniform over 50 ms - 3 s.

@@ -8,6 +8,7 @@ import functools
 import json
 import os
 import sys
+from collections import Counter
 from datetime import datetime, timezone
 from typing import Annotated, Optional
 
@@ -17,21 +18,23 @@ from supervisor.config import load_config, parse_duration
 from supervisor.errors import EXIT_USAGE, ConfigError, ShiftchangeError
 from supervisor.logs import mask_secrets
 
+HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     name="shiftchange",
+    context_settings=HELP,
     help="A SQL-backed job queue whose supervisor hands in-flight jobs over cleanly on every deploy.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True)
-config_app = typer.Typer(help="Configuration commands.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema commands.", no_args_is_help=True, context_settings=HELP)
+config_app = typer.Typer(help="Configuration commands.", no_args_is_help=True, context_settings=HELP)
 app.add_typer(db_app, name="db")
 app.add_typer(config_app, name="config")
 
 ConfigOption = Annotated[
     Optional[str],
-    typer.Option("--config", "-c", help="Config file (default: $SHIFTCHANGE_CONFIG, then ./shiftchange.yaml)."),
+    typer.Option("--config", "-c", metavar="PATH", help="Config file (default: $SHIFTCHANGE_CONFIG, then ./shiftchange.yaml)."),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts instead of a table.")]
 
@@ -60,8 +63,7 @@ def open_queue(config_path, create: bool = False):
     when there is no schema."""
     from supervisor.queue import Queue
 
-    config = load_config(config_path)
-    return Queue(config.database.url, defaults=config, create=create)
+    return Queue.from_config(config_path, create=create)
 
 
 def print_json(data) -> None:
@@ -75,9 +77,9 @@ def print_json(data) -> None:
 @reports_errors
 def run(
     config: ConfigOption = None,
-    name: Annotated[Optional[str], typer.Option(help="Server name (default: server.name, else the host name).")] = None,
-    concurrency: Annotated[Optional[int], typer.Option(min=1, help="Jobs run at once (default: server.concurrency).")] = None,
-    queue: Annotated[Optional[list[str]], typer.Option("--queue", "-q", help="A queue to serve; repeat for more.")] = None,
+    name: Annotated[Optional[str], typer.Option(metavar="NAME", help="Server name (default: server.name, else the host name).")] = None,
+    concurrency: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Jobs run at once (default: server.concurrency).")] = None,
+    queue: Annotated[Optional[list[str]], typer.Option("--queue", "-q", metavar="QUEUE", help="A queue to serve; repeat for more.")] = None,
 ):
     """Run a supervisor in the foreground until SIGTERM/SIGINT, then hand its jobs off."""
     from supervisor.logs import setup_logging
@@ -97,9 +99,9 @@ def run(
 # --- producing ------------------------------------------------------------------------
 
 
-def parse_when(text: str) -> tuple[float | None, float]:
+def parse_when(text: str) -> tuple[datetime | None, float]:
     """--at: an ISO 8601 time (UTC unless it says otherwise) or a delay such
-    as +10m. Returns (epoch or None, delay seconds)."""
+    as +10m. Returns (a time or None, delay seconds)."""
     if text.startswith("+"):
         try:
             return None, parse_duration(text[1:])
@@ -111,7 +113,7 @@ def parse_when(text: str) -> tuple[float | None, float]:
         raise ConfigError(f"--at {text!r} is neither an ISO 8601 time nor a delay like +10m") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp(), 0.0
+    return moment, 0.0
 
 
 def parse_json_option(text: str | None, option: str, kind: type):
@@ -129,41 +131,32 @@ def parse_json_option(text: str | None, option: str, kind: type):
 @app.command()
 @reports_errors
 def enqueue(
-    target: Annotated[list[str], typer.Argument(help="package.module:function, or with --command the argv after --.")],
-    args: Annotated[Optional[str], typer.Option("--args", help="Positional arguments as a JSON array.")] = None,
-    kwargs: Annotated[Optional[str], typer.Option("--kwargs", help="Keyword arguments as a JSON object.")] = None,
-    queue: Annotated[str, typer.Option("--queue", "-q", help="Queue name.")] = "default",
-    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
-    max_attempts: Annotated[Optional[int], typer.Option(min=1, help="Failed runs allowed (default: jobs.max_attempts).")] = None,
-    at: Annotated[Optional[str], typer.Option("--at", help="Not before this ISO 8601 time, or after a delay like +10m.")] = None,
+    target: Annotated[list[str], typer.Argument(metavar="TARGET", help="package.module:function, or with --command the argv after --.")],
+    args: Annotated[Optional[str], typer.Option("--args", metavar="JSON", help="Positional arguments as a JSON array.")] = None,
+    kwargs: Annotated[Optional[str], typer.Option("--kwargs", metavar="JSON", help="Keyword arguments as a JSON object.")] = None,
+    queue: Annotated[str, typer.Option("--queue", "-q", metavar="QUEUE", help="Queue name.")] = "default",
+    priority: Annotated[int, typer.Option(metavar="N", help="Higher runs first.")] = 0,
+    max_attempts: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Failed runs allowed (default: jobs.max_attempts).")] = None,
+    at: Annotated[Optional[str], typer.Option("--at", metavar="WHEN", help="Not before this ISO 8601 time, or after a delay like +10m.")] = None,
     command: Annotated[bool, typer.Option("--command", help="TARGET is a command line: enqueue --command -- ARGV...")] = False,
     config: ConfigOption = None,
 ):
     """Enqueue a job; prints its id alone on stdout."""
-    from supervisor.storage import new_job
-
     if not command and len(target) != 1:
         raise ConfigError("give exactly one TARGET (or use --command -- ARGV...)")
     if command and (args or kwargs):
         raise ConfigError("--args and --kwargs do not apply to --command jobs; put arguments in ARGV")
     run_at, delay = parse_when(at) if at else (None, 0.0)
     q = open_queue(config, create=True)
-    spec = new_job(
-        None if command else target[0],
-        parse_json_option(args, "--args", list) or [],
-        parse_json_option(kwargs, "--kwargs", dict),
-        command=list(target) if command else None,
-        queue=queue,
-        priority=priority,
-        max_attempts=max_attempts or q.config.jobs.max_attempts,
-        max_interruptions=q.config.jobs.max_interruptions,
-        run_at=run_at,
-        delay=delay,
-    )
-    (job_id,) = q.storage.enqueue(spec)
-    if not any(queue in s.queues for s in q.storage.servers(states=("running",))):
+    options = dict(queue=queue, priority=priority, max_attempts=max_attempts, run_at=run_at, delay=delay)
+    if command:
+        job = q.enqueue_command(list(target), **options)
+    else:
+        job = q.enqueue(target[0], parse_json_option(args, "--args", list) or [],
+                        parse_json_option(kwargs, "--kwargs", dict), **options)
+    if not q.served(queue):
         typer.echo(f"shiftchange: note: no running server serves queue {queue!r} yet; the job waits for one", err=True)
-    typer.echo(job_id)
+    typer.echo(job.id)
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -175,8 +168,12 @@ def _age(seconds: float) -> str:
 
 @app.command()
 @reports_errors
-def status(config: ConfigOption = None, json_: JsonOption = False):
-    """Servers (with heartbeat age and jobs in flight) and job counts."""
+def status(
+    config: ConfigOption = None,
+    json_: JsonOption = False,
+    all_: Annotated[bool, typer.Option("--all", help="Also list stopped and dead servers, not just a count.")] = False,
+):
+    """Servers (live ones first, with heartbeat age and jobs in flight) and job counts."""
     from rich.console import Console
     from rich.table import Table
 
@@ -188,13 +185,14 @@ def status(config: ConfigOption = None, json_: JsonOption = False):
         print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues,
                     "database": q.database, "paused": sorted(paused)})
         return
-    table = Table("id", "name", "host", "pid", "state", "heartbeat", "jobs", "version", title="servers")
-    for s in servers:
-        table.add_row(s.id, s.name, s.host, str(s.pid), s.shown_state, _age(s.heartbeat_age) + " ago",
-                      ",".join(map(str, s.jobs)) or "-", s.version or "0.1.0")
+    live = [s for s in servers if s.state in LIVE_STATES]
+    gone = [s for s in servers if s.state not in LIVE_STATES]
     console = Console()
     console.print(f"database: {q.database}", highlight=False, markup=False)
-    console.print(table)
+    console.print(_servers_table(live + gone if all_ else live, servers))
+    if gone and not all_:
+        by_state = ", ".join(f"{n} {state}" for state, n in sorted(Counter(s.state for s in gone).items()))
+        console.print(f"not shown: {by_state} (--all lists them)", highlight=False)
     totals = Table("queue", *counts.keys(), title="jobs")
     for name, by_state in sorted(queues.items()):
         totals.add_row(name + (" (paused)" if name in paused else ""), *(str(by_state.get(state, 0)) for state in counts))
@@ -202,12 +200,53 @@ def status(config: ConfigOption = None, json_: JsonOption = False):
     console.print(totals)
 
 
+LIVE_STATES = ("running", "stopping")
+
+
+def _servers_table(shown, every):
+    from rich.table import Table
+
+    releases = any(s.release for s in every)
+    table = Table("name", "host", "pid", "state", "heartbeat", "jobs", *(["release"] if releases else []),
+                  "version", title="servers")
+    labels = server_labels(every)
+    for s in shown:
+        table.add_row(labels[s.id], s.host, str(s.pid), s.shown_state, _age(s.heartbeat_age) + " ago",
+                      ",".join(map(str, s.jobs)) or NONE, *([s.release or NONE] if releases else []),
+                      s.version or "0.1.0")
+    return table
+
+
+def server_labels(servers) -> dict[str, str]:
+    """id -> what a person reads: the server's name, with the start of its id
+    where several servers listed share that name (restarts keep names)."""
+    ids_of = {}
+    for s in servers:
+        ids_of.setdefault(s.name, []).append(s.id)
+    return {s.id: s.name if len(ids_of[s.name]) == 1 else f"{s.name}#{s.id[:6]}" for s in servers}
+
+
+def _name_labels(pairs) -> dict[str, str]:
+    """Labels for (server id, name) pairs read with jobs or events; a name
+    shared by two ids gets the start of its id."""
+    ids_of = {}
+    for server_id, name in pairs:
+        if server_id:
+            ids_of.setdefault(name or server_id, set()).add(server_id)
+    labels = {}
+    for label, ids in ids_of.items():
+        for server_id in ids:
+            labels[server_id] = label if len(ids) == 1 else f"{label}#{server_id[:6]}"
+    return labels
+
+
 @app.command()
 @reports_errors
 def jobs(
-    state: Annotated[Optional[str], typer.Option(help="enqueued, scheduled, processing, succeeded or failed.")] = None,
-    queue: Annotated[Optional[str], typer.Option("--queue", "-q")] = None,
-    limit: Annotated[int, typer.Option(min=1)] = 50,
+    state: Annotated[Optional[str], typer.Option(metavar="STATE", help="enqueued, scheduled, processing, succeeded or failed.")] = None,
+    queue: Annotated[Optional[str], typer.Option("--queue", "-q", metavar="QUEUE", help="Only this queue.")] = None,
+    limit: Annotated[int, typer.Option(min=1, metavar="N", help="At most N jobs.")] = 50,
+    wide: Annotated[bool, typer.Option("--wide", "-w", help="Show every cell whole, wrapping instead of cutting.")] = False,
     config: ConfigOption = None,
     json_: JsonOption = False,
 ):
@@ -222,49 +261,75 @@ def jobs(
     if json_:
         print_json([job.to_dict() for job in found])
         return
-    Console().print(_jobs_table(found))
+    Console().print(_jobs_table(found, wide))
 
 
-def _jobs_table(found):
-    """One line per job whatever the terminal width: the long cells (target,
-    server, error) shrink first and are cut with an ellipsis rather than
-    wrapped; `job ID` shows them whole."""
+def _jobs_table(found, wide: bool = False):
+    """One line per job whatever the terminal width: the target and the
+    error take the width and are cut with an ellipsis rather than wrapped
+    (`--wide` wraps them instead; `job ID` shows them whole)."""
     from rich.table import Table
     from rich.text import Text
 
     def cut(text: str) -> Text:
-        return Text(text, no_wrap=True, overflow="ellipsis")
+        return Text(text) if wide else Text(text, no_wrap=True, overflow="ellipsis")
 
     table = Table("id", "state", "queue", "target", "tries", "intr", "server", "error",
                   caption="tries: attempts used; intr: interruptions (handoffs and crashes)")
     for column in table.columns:
         # rich shrinks only wrappable columns; the short ones must never wrap.
-        column.no_wrap = column.header not in ("target", "server", "error")
+        column.no_wrap = column.header not in ("target", "error")
+        if column.header in ("target", "error"):
+            column.ratio = 1  # the two that matter share what the others leave
+    labels = _name_labels((job.server, job.server_name) for job in found)
     for job in found:
         target = " ".join(job.argv) if job.kind == "command" else job.target
         error = (job.error or "").strip().splitlines()[-1:] or [""]  # a traceback's last line says what broke
         table.add_row(str(job.id), job.state, job.queue, cut(target), str(job.attempts),
-                      str(job.interruptions), cut(job.server or "-"), cut(error[0]))
+                      str(job.interruptions), labels.get(job.server, NONE), cut(error[0]))
     return table
 
 
 @app.command()
 @reports_errors
 def job(job_id: Annotated[int, typer.Argument(metavar="ID")], config: ConfigOption = None, json_: JsonOption = False):
-    """One job with its checkpoint and event history."""
+    """One job with its checkpoint, last error and event history."""
     found = open_queue(config).get(job_id)
     if json_:
         print_json(found.to_dict())
         return
-    data = found.to_dict()
-    for key in ("id", "state", "queue", "kind", "target", "args", "kwargs", "priority", "attempts",
-                "interruptions", "server", "created_at", "started_at", "finished_at", "checkpoint"):
-        typer.echo(f"{key:>14}: {json.dumps(data[key]) if key in ('args', 'kwargs', 'checkpoint') else data[key]}")
+    for key, value in _job_fields(found):
+        typer.echo(f"{key:>14}: {value}")
     if found.error:
-        typer.echo(f"{'error':>14}:\n{found.error.rstrip()}")
+        # A retried job keeps the error of its previous attempt: say so.
+        label = "error" if found.state == "failed" else "last attempt's error"
+        typer.echo(f"{label}:\n{found.error.rstrip()}")
     typer.echo("events:")
+    labels = _name_labels((e.server, e.server_name) for e in found.events)
     for e in found.events:
-        typer.echo(f"  {e.to_dict()['at']}  {e.kind:<15} {e.server or '-':<32} {e.detail or ''}")
+        typer.echo(f"  {e.to_dict()['at']}  {e.kind:<15} {labels.get(e.server, NONE):<20} {e.detail or ''}")
+
+
+NONE = "-"  # how every command shows "nothing here"
+
+
+def _job_fields(job) -> list[tuple[str, str]]:
+    data = job.to_dict()
+
+    def shown(key):
+        value = data[key]
+        if value is None:
+            return NONE
+        return json.dumps(value, ensure_ascii=False) if key in ("args", "kwargs", "checkpoint") else str(value)
+
+    server = NONE if job.server is None else f"{job.server_name or '?'} ({job.server})"
+    return [
+        *((key, shown(key)) for key in ("id", "state", "queue", "kind", "target", "args", "kwargs", "priority")),
+        ("attempts", f"{job.attempts} of {job.max_attempts}"),
+        ("interruptions", f"{job.interruptions} of {job.max_interruptions}"),
+        ("server", server),
+        *((key, shown(key)) for key in ("run_at", "created_at", "started_at", "finished_at", "checkpoint")),
+    ]
 
 
 # --- operator actions ----------------------------------------------------------------------
@@ -297,8 +362,8 @@ def delete(job_ids: Annotated[list[int], typer.Argument(metavar="ID...")], confi
 @app.command()
 @reports_errors
 def handoff(
-    server: Annotated[Optional[list[str]], typer.Option("--server", "-s", help="Server name or id; repeat for more (default: every running server on this host).")] = None,
-    timeout: Annotated[float, typer.Option(min=0, help="Seconds to wait for each local supervisor to exit before SIGKILL.")] = 10.0,
+    server: Annotated[Optional[list[str]], typer.Option("--server", "-s", metavar="NAME|ID", help="Server name or id; repeat for more (default: every running server on this host).")] = None,
+    timeout: Annotated[float, typer.Option(min=0, metavar="SECONDS", help="Seconds to wait for each local supervisor to exit before SIGKILL.")] = 10.0,
     config: ConfigOption = None,
     json_: JsonOption = False,
 ):
@@ -306,10 +371,7 @@ def handoff(
 
     Requeues the servers' in-flight jobs in one transaction, then stops their
     supervisors that run on this host."""
-    from supervisor.handoff import hand_off
-
-    q = open_queue(config)
-    reports = hand_off(q.storage, server, timeout)
+    reports = open_queue(config).hand_off(server, timeout)
     if json_:
         print_json(reports)
         return
@@ -323,7 +385,7 @@ def handoff(
 @app.command()
 @reports_errors
 def quiet(
-    server: Annotated[Optional[list[str]], typer.Option("--server", "-s", help="Server name or id; repeat for more (default: every running server on this host).")] = None,
+    server: Annotated[Optional[list[str]], typer.Option("--server", "-s", metavar="NAME|ID", help="Server name or id; repeat for more (default: every running server on this host).")] = None,
     undo: Annotated[bool, typer.Option("--undo", help="Let the servers claim again.")] = False,
     config: ConfigOption = None,
     json_: JsonOption = False,
@@ -372,7 +434,7 @@ def resume(
 @reports_errors
 def reap(config: ConfigOption = None, json_: JsonOption = False):
     """One pass of dead-server detection: requeue the jobs of servers whose heartbeat stopped."""
-    taken = open_queue(config).storage.reap()
+    taken = open_queue(config).reap()
     if json_:
         print_json({"requeued": [t.id for t in taken if not t.failed], "failed": [t.id for t in taken if t.failed]})
         return
@@ -440,10 +502,9 @@ def dashboard(
     except ImportError as exc:
         raise ConfigError(f"the dashboard needs its extra: pip install 'shiftchange[dashboard]' ({exc})") from None
 
-    settings = load_config(config)
     q = open_queue(config)
     web = DashboardSettings(
-        token=settings.dashboard.token, show_args=settings.dashboard.show_args, read_only=read_only,
+        token=q.config.dashboard.token, show_args=q.config.dashboard.show_args, read_only=read_only,
         allowed_hosts=loopback_hosts(host, port),
     )
     app_ = create_app(q, web)
@@ -455,7 +516,7 @@ def dashboard(
 @app.command()
 @reports_errors
 def demo(
-    jobs_count: Annotated[int, typer.Option("--jobs", min=1, max=8, help="Long jobs to run across the deploy.")] = 3,
+    jobs_count: Annotated[int, typer.Option("--jobs", min=1, max=8, metavar="N", help="Long jobs to run across the deploy.")] = 3,
 ):
     """See a deploy hand jobs over: runs offline on a temporary SQLite database."""
     from supervisor.demo import run_demo

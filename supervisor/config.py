@@ -19,7 +19,7 @@ import yaml
 
 from supervisor.database import mask_url
 from supervisor.errors import ConfigError
-from supervisor.storage import QUEUE_NAME
+from supervisor.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_INTERRUPTIONS, check_queue_name
 
 DEFAULT_FILE = "shiftchange.yaml"
 ENV_FILE = "SHIFTCHANGE_CONFIG"
@@ -109,8 +109,7 @@ def parse_queues(value) -> tuple[str, ...]:
     if not queues:
         raise ValueError("a server must serve at least one queue")
     for name in queues:
-        if not QUEUE_NAME.match(name):
-            raise ValueError(f"queue name {name!r} is not valid: 1-200 of letters, digits and _ . : @ / -")
+        check_queue_name(name)
     return queues
 
 
@@ -168,8 +167,8 @@ class ShutdownConfig:
 class JobsConfig:
     allow: tuple[str, ...] = ()
     allow_commands: tuple[str, ...] = ()
-    max_attempts: int = 3
-    max_interruptions: int = 10
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS
     retry_backoff: float = 10.0
     keep_finished: float = 7 * 86400.0
     memory_limit: int | None = None  # bytes per job's process tree

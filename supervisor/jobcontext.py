@@ -4,7 +4,7 @@ import threading
 import time
 
 from supervisor.errors import LeaseLost, NotInJob, StorageUnavailable
-from supervisor.storage import to_json
+from supervisor.jobspec import to_json
 
 _current = None
 # How long checkpoint() retries a database it cannot reach (a restart, a

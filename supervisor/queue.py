@@ -5,8 +5,9 @@ from datetime import datetime
 from supervisor.config import Config, load_config
 from supervisor.database import ensure_schema, make_engine, mask_url, missing_sqlite_file
 from supervisor.errors import ActionRefused, JobNotFound, UnknownServer
+from supervisor.jobspec import new_job
 from supervisor.records import JOB_STATES, Job, QueueSummary, Server
-from supervisor.storage import COUNTED_STATES, EventHistogram, JobFilter, JobPage, Storage, new_job
+from supervisor.storage import COUNTED_STATES, EventHistogram, JobFilter, JobPage, Storage
 
 # The job events the dashboard charts and /metrics counts.
 WATCHED_EVENTS = ("succeeded", "failed", "handed_off", "reaped", "stale_write")
@@ -74,7 +75,7 @@ class Queue:
     def _enqueue(self, *, run_at=None, max_attempts=None, max_interruptions=None, **spec) -> Job:
         jobs_config = self.config.jobs
         job = new_job(
-            max_attempts=max_attempts or jobs_config.max_attempts,
+            max_attempts=jobs_config.max_attempts if max_attempts is None else max_attempts,
             max_interruptions=(
                 jobs_config.max_interruptions if max_interruptions is None else max_interruptions
             ),
@@ -104,6 +105,24 @@ class Queue:
 
     def queue_counts(self) -> dict[str, dict[str, int]]:
         return self.storage.counts()
+
+    def served(self, queue: str) -> bool:
+        """Does a running server serve `queue`? (A job in a queue nobody
+        serves waits, which a producer may want to hear about.)"""
+        return any(queue in s.queues for s in self.storage.servers(states=("running",)))
+
+    def hand_off(self, servers: list[str] | None = None, timeout: float = 10.0) -> list[dict]:
+        """`shiftchange handoff`: requeue the servers' jobs in one
+        transaction, then stop their supervisors that run on this host (see
+        supervisor/handoff.py). One report per server."""
+        from supervisor.handoff import hand_off
+
+        return hand_off(self.storage, servers, timeout)
+
+    def reap(self):
+        """One pass of dead-server detection; returns what it requeued (or
+        failed past max_interruptions)."""
+        return self.storage.reap()
 
     def quiet(self, servers: list[str] | None = None, quiet: bool = True) -> list[Server]:
         """Ask servers (names or ids; default: every live server of this

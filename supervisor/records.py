@@ -7,7 +7,6 @@ from supervisor.dbtime import to_iso
 
 JOB_STATES = ("enqueued", "scheduled", "processing", "succeeded", "failed")
 FINISHED_STATES = ("succeeded", "failed")
-SERVER_STATES = ("running", "stopping", "stopped", "dead")
 
 
 @dataclass(frozen=True)
@@ -16,9 +15,11 @@ class Event:
     kind: str
     server: str | None
     detail: str | None
+    server_name: str | None = None
 
     def to_dict(self) -> dict:
-        return {"at": to_iso(self.at), "kind": self.kind, "server": self.server, "detail": self.detail}
+        return {"at": to_iso(self.at), "kind": self.kind, "server": self.server,
+                "server_name": self.server_name, "detail": self.detail}
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Job:
     error: str | None
     checkpoint: object = None
     events: list[Event] | None = None
+    server_name: str | None = None  # the name of `server`, where it was read
 
     @property
     def argv(self) -> list[str]:
@@ -74,6 +76,7 @@ class Job:
             error=row.error,
             checkpoint=None if row.checkpoint is None else json.loads(row.checkpoint),
             events=events,
+            server_name=row._mapping.get("server_name"),
         )
 
     def to_dict(self) -> dict:
@@ -90,6 +93,7 @@ class Job:
             "max_attempts": self.max_attempts,
             "interruptions": self.interruptions,
             "server": self.server,
+            "server_name": self.server_name,
             "run_at": to_iso(self.run_at),
             "created_at": to_iso(self.created_at),
             "started_at": to_iso(self.started_at),

@@ -7,7 +7,6 @@ write matches no row, is refused, and leaves a `stale_write` event behind.
 """
 
 import json
-import re
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,104 +17,14 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from supervisor.database import unavailable
 from supervisor.dbtime import db_now
-from supervisor.errors import ActionRefused, InvalidFilter, InvalidJob, JobNotFound
+from supervisor.errors import ActionRefused, InvalidFilter, JobNotFound
+from supervisor.jobspec import QUEUE_NAME, NewJob
 from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
 from supervisor.tables import events, jobs, queues as queue_settings, servers
-from supervisor.targets import check_callable_syntax
 
-MAX_PAYLOAD_BYTES = 1 << 20  # args + kwargs, and each checkpoint
 MAX_ERROR_CHARS = 64_000
-QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]{1,200}$")
 LIVE_SERVER_STATES = ("running", "stopping")
 WAKE_CHANNEL = "shiftchange_jobs"  # PostgreSQL NOTIFY channel
-
-
-# --- what a producer asks for ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NewJob:
-    """A validated job, ready to insert. Build it with new_job()."""
-
-    kind: str
-    target: str
-    args_json: str
-    kwargs_json: str
-    queue: str
-    priority: int
-    max_attempts: int
-    max_interruptions: int
-    run_at: float | None  # epoch seconds, or None for "now + delay"
-    delay: float
-
-
-def to_json(value, what: str, limit: int = MAX_PAYLOAD_BYTES) -> str:
-    """Strict JSON for `value`, or InvalidJob naming `what` and the problem."""
-    try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-    except (TypeError, ValueError) as exc:
-        raise InvalidJob(f"{what} must be JSON-serialisable: {exc}") from None
-    size = len(text.encode())
-    if size > limit:
-        raise InvalidJob(f"{what} is {size} bytes of JSON; the limit is {limit} bytes")
-    return text
-
-
-def new_job(
-    target: str | None = None,
-    args=(),
-    kwargs=None,
-    *,
-    command: list[str] | None = None,
-    queue: str = "default",
-    priority: int = 0,
-    max_attempts: int = 3,
-    max_interruptions: int = 10,
-    run_at: float | None = None,
-    delay: float = 0.0,
-) -> NewJob:
-    """Validate a job: a callable `target` or a `command` argv, never both."""
-    if command is not None:
-        if target is not None:
-            raise InvalidJob("give a target or a command, not both")
-        if not command or not all(isinstance(part, str) for part in command) or not command[0]:
-            raise InvalidJob("a command job needs a non-empty argv of strings")
-        kind, target, args = "command", command[0], list(command[1:])
-    else:
-        try:
-            check_callable_syntax(target or "")
-        except ValueError as exc:
-            raise InvalidJob(str(exc)) from None
-        kind = "callable"
-    if not isinstance(args, (list, tuple)):
-        raise InvalidJob(f"args must be a list, not {type(args).__name__}")
-    kwargs = {} if kwargs is None else kwargs
-    if not isinstance(kwargs, dict):
-        raise InvalidJob(f"kwargs must be an object (dict), not {type(kwargs).__name__}")
-    if not isinstance(queue, str) or not QUEUE_NAME.match(queue):
-        raise InvalidJob(
-            f"queue name {queue!r} is not valid: 1-200 of letters, digits and _ . : @ / -"
-        )
-    if max_attempts < 1 or max_interruptions < 0:
-        raise InvalidJob("max_attempts must be >= 1 and max_interruptions >= 0")
-    args_json, kwargs_json = to_json(list(args), "args"), to_json(kwargs, "kwargs")
-    size = len(args_json.encode()) + len(kwargs_json.encode())
-    if size > MAX_PAYLOAD_BYTES:
-        raise InvalidJob(
-            f"args and kwargs are {size} bytes of JSON together; the limit is {MAX_PAYLOAD_BYTES}"
-        )
-    return NewJob(
-        kind=kind,
-        target=target,
-        args_json=args_json,
-        kwargs_json=kwargs_json,
-        queue=queue,
-        priority=int(priority),
-        max_attempts=int(max_attempts),
-        max_interruptions=int(max_interruptions),
-        run_at=run_at,
-        delay=max(0.0, float(delay)),
-    )
 
 
 @dataclass(frozen=True)
@@ -381,16 +290,7 @@ class Storage:
             open_queues = self._unpaused(conn, queues)
             if not open_queues:
                 return []
-            due = (
-                select(jobs.c.id)
-                .where(
-                    jobs.c.state == "enqueued",
-                    jobs.c.queue.in_(open_queues),
-                    jobs.c.run_at <= db_now(),
-                )
-                .order_by(jobs.c.priority.desc(), jobs.c.id)
-                .limit(limit)
-            )
+            due = select(jobs.c.id).where(_due(open_queues)).order_by(jobs.c.priority.desc(), jobs.c.id).limit(limit)
             ids = conn.execute(self._for_update(due, skip_locked=True)).scalars().all()
             if not ids:
                 return []
@@ -424,9 +324,7 @@ class Storage:
         with self._read() as conn:
             open_queues = self._unpaused(conn, queues)
             return bool(open_queues) and conn.execute(
-                select(jobs.c.id).where(
-                    jobs.c.state == "enqueued", jobs.c.queue.in_(open_queues), jobs.c.run_at <= db_now()
-                ).limit(1)
+                select(jobs.c.id).where(_due(open_queues)).limit(1)
             ).first() is not None
 
     def _unpaused(self, conn, queues) -> list[str]:
@@ -723,17 +621,17 @@ class Storage:
     def get(self, job_id: int) -> Job:
         """One job with its event history, or JobNotFound."""
         with self._read() as conn:
-            row = conn.execute(select(jobs).where(jobs.c.id == job_id)).first()
+            row = conn.execute(_with_server_name(jobs).where(jobs.c.id == job_id)).first()
             if row is None:
                 raise JobNotFound(f"no job with id {job_id}")
             history = conn.execute(
-                select(events).where(events.c.job_id == job_id).order_by(events.c.id)
+                _with_server_name(events).where(events.c.job_id == job_id).order_by(events.c.id)
             ).all()
-        return Job.from_row(row, [Event(e.at, e.kind, e.server_id, e.detail) for e in history])
+        return Job.from_row(row, [Event(e.at, e.kind, e.server_id, e.detail, e.server_name) for e in history])
 
     def jobs(self, state: str | None = None, queue: str | None = None, limit: int = 100) -> list[Job]:
         """Jobs, newest first, optionally of one state and queue."""
-        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit)
+        query = _with_server_name(jobs).order_by(jobs.c.id.desc()).limit(limit)
         if state is not None:
             query = query.where(jobs.c.state == state)
         if queue is not None:
@@ -964,6 +862,21 @@ class Storage:
             removed += len(ids)
             if len(ids) < batch:
                 return removed
+
+
+def _with_server_name(table):
+    """SELECT a table's rows with the name of the server their server_id
+    names (people read names; ids stay for scripts)."""
+    return select(table, servers.c.name.label("server_name")).select_from(
+        table.outerjoin(servers, servers.c.id == table.c.server_id)
+    )
+
+
+def _due(queues):
+    """The jobs a claim may take from `queues` now: one condition for the
+    claim and for the idle probe, so the two never disagree. The claim index
+    serves it."""
+    return and_(jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), jobs.c.run_at <= db_now())
 
 
 def _summary(text: str) -> str:

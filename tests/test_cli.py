@@ -147,13 +147,20 @@ def check_status(data: dict) -> None:
 # --- help -------------------------------------------------------------------------
 
 COMMANDS = [["run"], ["enqueue"], ["status"], ["jobs"], ["job"], ["requeue"], ["delete"],
-            ["handoff"], ["reap"], ["db"], ["db", "upgrade"], ["config"], ["config", "check"]]
+            ["handoff"], ["quiet"], ["reap"], ["db"], ["db", "upgrade"], ["config"], ["config", "check"]]
 
 
 @pytest.mark.parametrize("command", [[], *COMMANDS], ids=lambda c: " ".join(c) or "shiftchange")
 def test_help(command):
     ran = cli(*command, "--help")
     assert ran.code == 0 and "Usage:" in ran.out, ran.out + ran.err
+
+
+@pytest.mark.parametrize("command", [[], *COMMANDS], ids=lambda c: " ".join(c) or "shiftchange")
+def test_dash_h_is_help_and_flags_show_no_type(command):
+    ran = cli(*command, "-h")
+    assert ran.code == 0 and "Usage:" in ran.out, ran.out + ran.err
+    assert "<bool>" not in ran.out  # a flag takes no value; do not print a type after it
 
 
 def test_help_lists_every_command():
@@ -199,7 +206,13 @@ def test_enqueue_prints_only_the_id_and_job_shows_it(db):
         check(event, EVENT)
 
     human = cli("job", str(job_id))
-    assert human.code == 0 and "app.reports:build" in human.out and "enqueued" in human.out
+    assert human.code == 0
+    head = human.out.split("events:")[0].splitlines()
+    fields = {key.strip(): value for key, value in (line.split(": ", 1) for line in head)}
+    assert {k: fields[k] for k in ("id", "state", "target", "priority", "attempts", "server", "run_at", "checkpoint")} == {
+        "id": str(job_id), "state": "enqueued", "target": "app.reports:build", "priority": "5",
+        "attempts": "0 of 2", "server": "-", "run_at": job["run_at"], "checkpoint": "-"}
+    assert "None" not in human.out and "null" not in human.out  # one style for "nothing"
 
 
 def test_enqueue_a_command(db):
@@ -254,6 +267,41 @@ def test_status(db):
 
     table = cli("status")
     assert table.code == 0 and "worker-1" in table.out
+    assert server_id not in table.out  # ids are for --json; people read names
+    jobs_table = cli("jobs")
+    assert "worker-1" in jobs_table.out and server_id not in jobs_table.out
+    assert ok_json("jobs")[-1]["server_name"] == "worker-1"
+
+
+def test_status_lists_live_servers_and_counts_the_rest(db):
+    with Queue(db) as queue:
+        ids = {}
+        for name in ("old-1", "old-2", "web-1"):
+            ids[name] = queue.storage.register_server(
+                name=name, host="h", pid=1, pid_started_at=None, queues=["default"], concurrency=1, dead_after=10.0)
+        queue.storage.handoff([ids["old-1"], ids["old-2"]], 0, "test")
+        queue.storage.release_handoff(ids["old-1"], [])
+        queue.storage.release_handoff(ids["old-2"], [])
+    table = cli("status")
+    assert "web-1" in table.out and "old-1" not in table.out
+    assert "not shown: 2 stopped (--all lists them)" in table.out
+    every = cli("status", "--all")
+    assert "old-1" in every.out and "old-2" in every.out
+    assert len(ok_json("status")["servers"]) == 3  # --json stays whole
+
+
+def test_the_jobs_table_header_and_the_error_of_a_retried_job(db):
+    with Queue(db) as queue:
+        sid = queue.storage.register_server(
+            name="web-1", host="h", pid=1, pid_started_at=None, queues=["default"], concurrency=1, dead_after=10.0)
+        job = queue.enqueue("app.tasks:work", max_attempts=3)
+        (claimed,) = queue.storage.claim(sid, ["default"], 1)
+        queue.storage.fail(claimed.id, claimed.lease, sid, "Traceback...\nValueError: boom", retry_backoff=0)
+    header = cli("jobs").out.splitlines()
+    assert any(line.split() == ["id", "state", "queue", "target", "tries", "intr", "server", "error"]
+               for line in (h.replace("┃", " ").replace("│", " ") for h in header))
+    shown = cli("job", str(job.id)).out
+    assert "last attempt's error:\nTraceback...\nValueError: boom" in shown
 
 
 def test_status_on_an_empty_queue_lists_every_state(db):

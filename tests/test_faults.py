@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from supervisor import Queue
 from supervisor.cli import app
 from supervisor.database import head_revision, make_engine, upgrade
-from supervisor.storage import MAX_PAYLOAD_BYTES
+from supervisor.jobspec import MAX_PAYLOAD_BYTES
 
 pytestmark = pytest.mark.slow
 

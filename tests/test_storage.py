@@ -9,7 +9,7 @@ from sqlalchemy import select, update
 
 from supervisor import Queue
 from supervisor.errors import InvalidJob, JobNotFound, StorageUnavailable
-from supervisor.storage import new_job
+from supervisor.jobspec import new_job
 from supervisor.tables import events, jobs, servers
 
 

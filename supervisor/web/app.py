@@ -38,7 +38,8 @@ from supervisor.errors import (
 from supervisor.handoff import hand_off
 from supervisor.queue import WATCHED_EVENTS, Queue
 from supervisor.records import JOB_STATES
-from supervisor.storage import COUNTED_STATES, QUEUE_NAME, JobFilter
+from supervisor.jobspec import QUEUE_NAME
+from supervisor.storage import COUNTED_STATES, JobFilter
 from supervisor.web import security, views
 from supervisor.web.metrics import metrics_endpoint
 
@@ -326,7 +327,7 @@ async def requeue_matching(request: Request) -> Response:
                             "or requeue them one by one")
     force = form.get("force") == "1"
     result = await run_sync(request.app.state.queue.requeue_matching, which, force=force)
-    return back_to(f"/jobs", **which.to_dict(), done="requeued", n=len(result["requeued"]),
+    return back_to("/jobs", **which.to_dict(), done="requeued", n=len(result["requeued"]),
                    refused=len(result["refused"]))
 
 

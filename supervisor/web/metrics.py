@@ -21,12 +21,12 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from supervisor.queue import WATCHED_EVENTS, Queue
-from supervisor.records import SERVER_STATES
 from supervisor.storage import COUNTED_STATES
 from supervisor.web.views import display_state
 
 RUN_TIME_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, float("inf"))
-SERVER_DISPLAY_STATES = ("running", "quiet", *SERVER_STATES[1:])
+# Server.shown_state: the stored states, with `quiet` apart from `running`.
+SERVER_DISPLAY_STATES = ("running", "quiet", "stopping", "stopped", "dead")
 
 
 class ShiftchangeCollector(Collector):

@@ -376,3 +376,26 @@ def test_metrics_are_cached_for_a_scrape_interval(dash):
     before = value(scrape(client)["shiftchange_jobs"], queue="mail", state="enqueued")
     q.enqueue("app.tasks:later", queue="mail")
     assert value(scrape(client)["shiftchange_jobs"], queue="mail", state="enqueued") == before
+
+
+# --- the command and the layering ------------------------------------------------------------
+
+
+def test_the_dashboard_command_has_its_options():
+    from typer.testing import CliRunner
+
+    from supervisor.cli import app
+
+    help_text = CliRunner().invoke(app, ["dashboard", "--help"], env={"COLUMNS": "200"}).stdout
+    for option in ("--config", "--host", "--port", "--read-only", "127.0.0.1", "8642"):
+        assert option in help_text
+
+
+def test_nothing_below_the_cli_imports_the_web_layer():
+    import subprocess
+    import sys
+
+    code = ("import sys, supervisor, supervisor.loop, supervisor.queue, supervisor.storage, supervisor.handoff; "
+            "print([m for m in sys.modules if m.startswith(('supervisor.web', 'starlette', 'uvicorn', 'prometheus'))])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr

@@ -505,7 +505,7 @@ def dashboard(
     q = open_queue(config)
     web = DashboardSettings(
         token=q.config.dashboard.token, show_args=q.config.dashboard.show_args, read_only=read_only,
-        allowed_hosts=loopback_hosts(host, port),
+        allowed_hosts=loopback_hosts(host),
     )
     app_ = create_app(q, web)
     mode = f"read-only ({web.read_only_reason})" if web.read_only_reason else "actions need the token"

@@ -739,8 +739,10 @@ class Storage:
         width = span / buckets
         with self._read() as conn:
             start = conn.execute(select(db_now())).scalar_one() - span
-            # at >= start, so the cast truncates like floor() (which SQLite lacks).
-            bucket = cast((events.c.at - start) / width, Integer)
+            slices = (events.c.at - start) / width
+            # SQLite may lack floor(); there at >= start, so a cast truncates
+            # alike. (MySQL's cast rounds, so it gets floor().)
+            bucket = cast(slices, Integer) if self.engine.dialect.name == "sqlite" else func.floor(slices)
             rows = conn.execute(
                 select(events.c.kind, bucket, func.count())
                 .where(events.c.at >= start, events.c.kind.in_(list(kinds)))

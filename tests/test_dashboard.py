@@ -134,6 +134,11 @@ def test_the_pages_show_what_storage_holds(dash):
     assert re.search(r"failed on <a href=\"/servers/\w+\">worker-1</a>", job)
     server = client.get(f"/servers/{made['server']}").text
     assert f'data-job="{made["running"]}"' in server
+    # The chart's data: this minute's bucket holds what just happened.
+    chart = q.event_histogram(span=3600, buckets=60)
+    assert chart.counts["failed"][-1] == 3 and sum(chart.counts["failed"]) == 3
+    assert chart.counts["succeeded"][-1] == 1 and sum(chart.counts["handed_off"]) == 0
+    assert 'id="total-failed">3<' in overview
 
 
 def test_text_search_and_pagination_are_bounded_and_continue(dash):
@@ -305,7 +310,10 @@ def test_delete_a_job(dash):
 
 
 def test_pause_and_resume_a_queue(dash):
-    q, client, made = dash
+    q, _, made = dash
+    # Reads are shared for an hour here: an action must still show its effect.
+    client = client_for(q, cache_seconds=3600)
+    client.get("/")
     sign_in(client)
     assert act(client, "/queues/pause", queue="mail").status_code == 303
     assert q.paused_queues() == {"mail"}

@@ -18,6 +18,7 @@ from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
@@ -41,7 +42,7 @@ from supervisor.records import JOB_STATES
 from supervisor.jobspec import QUEUE_NAME
 from supervisor.storage import COUNTED_STATES, JobFilter
 from supervisor.web import security, views
-from supervisor.web.metrics import metrics_endpoint
+from supervisor.web.metrics import ShiftchangeCollector, metrics_endpoint
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 50
@@ -77,6 +78,11 @@ class Cached:
         self.seconds, self.compute, self.clock = seconds, compute, clock
         self.lock = threading.Lock()
         self.value, self.at = None, None
+
+    def forget(self) -> None:
+        """The next get() reads afresh (after an action changed something)."""
+        with self.lock:
+            self.at = None
 
     def get(self):
         with self.lock:
@@ -127,8 +133,6 @@ def create_app(queue: Queue, settings: DashboardSettings) -> Starlette:
     )
     app.state.queue, app.state.settings, app.state.templates = queue, settings, env
     app.state.overview = Cached(settings.cache_seconds, lambda: overview_data(queue))
-    from supervisor.web.metrics import ShiftchangeCollector
-
     app.state.collector = ShiftchangeCollector(queue, settings.metrics_cache_seconds)
     return app
 
@@ -157,7 +161,7 @@ def render(request: Request, name: str, context: dict, status: int = 200) -> Res
         for block, render_block in template.blocks.items():
             if block.startswith("live_"):
                 blocks[block] = "".join(render_block(template.new_context(context)))
-        return JSONResponse({"blocks": blocks}, headers=NO_STORE)
+        return JSONResponse({"blocks": blocks}, status_code=status, headers=NO_STORE)
     return HTMLResponse(template.render(context), status_code=status, headers=SECURITY_HEADERS)
 
 
@@ -290,7 +294,9 @@ async def action_form(request: Request):
     return form
 
 
-def back_to(path: str, **done) -> RedirectResponse:
+def back_to(request: Request, path: str, **done) -> RedirectResponse:
+    """After an action: the page to show, fresh, with what was done."""
+    request.app.state.overview.forget()
     return RedirectResponse(f"{path}?{urlencode(done)}" if done else path, status_code=303)
 
 
@@ -307,14 +313,14 @@ async def requeue_job(request: Request) -> Response:
             "fields": {"force": "1"}, "force_label": f"Requeue job {job_id} anyway: its code runs again",
             "back": f"/jobs/{job_id}",
         }, status=409)
-    return back_to(f"/jobs/{job_id}", done="requeued", n=1)
+    return back_to(request, f"/jobs/{job_id}", done="requeued", n=1)
 
 
 async def delete_job(request: Request) -> Response:
     await action_form(request)
     job_id = request.path_params["job_id"]
     await run_sync(request.app.state.queue.delete, job_id)
-    return back_to("/jobs", done="deleted", id=job_id)
+    return back_to(request, "/jobs", done="deleted", id=job_id)
 
 
 async def requeue_matching(request: Request) -> Response:
@@ -327,7 +333,7 @@ async def requeue_matching(request: Request) -> Response:
                             "or requeue them one by one")
     force = form.get("force") == "1"
     result = await run_sync(request.app.state.queue.requeue_matching, which, force=force)
-    return back_to("/jobs", **which.to_dict(), done="requeued", n=len(result["requeued"]),
+    return back_to(request, "/jobs", **which.to_dict(), done="requeued", n=len(result["requeued"]),
                    refused=len(result["refused"]))
 
 
@@ -338,7 +344,7 @@ async def queue_action(request: Request, pause: bool) -> Response:
         raise InvalidFilter(f"queue {name!r} is not a valid queue name")
     queue = request.app.state.queue
     await run_sync(queue.pause if pause else queue.resume, name)
-    return back_to("/", done="paused" if pause else "resumed", queue=name)
+    return back_to(request, "/", done="paused" if pause else "resumed", queue=name)
 
 
 async def pause_queue(request: Request) -> Response:
@@ -356,7 +362,7 @@ async def quiet_server(request: Request) -> Response:
     queue = request.app.state.queue
     server = await run_sync(queue.server, server_id)
     await run_sync(queue.quiet, [server.id], quiet)
-    return back_to(f"/servers/{server.id}", done="quieted" if quiet else "unquieted")
+    return back_to(request, f"/servers/{server.id}", done="quieted" if quiet else "unquieted")
 
 
 async def handoff_server(request: Request) -> Response:
@@ -365,7 +371,7 @@ async def handoff_server(request: Request) -> Response:
     server = await run_sync(queue.server, request.path_params["server_id"])
     reports = await run_sync(hand_off, queue.storage, [server.id], HANDOFF_TIMEOUT_S)
     handed = sum(len(r["jobs"]) for r in reports)
-    return back_to(f"/servers/{server.id}", done="handed_off", n=handed)
+    return back_to(request, f"/servers/{server.id}", done="handed_off", n=handed)
 
 
 # --- signing in --------------------------------------------------------------------
@@ -396,6 +402,4 @@ async def logout(request: Request) -> Response:
 
 async def run_sync(function, *args, **kwargs):
     """Storage calls block: run them on Starlette's thread pool."""
-    from starlette.concurrency import run_in_threadpool
-
     return await run_in_threadpool(function, *args, **kwargs)

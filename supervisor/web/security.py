@@ -69,10 +69,10 @@ def check_action(request: Request, form, token: str | None, read_only_reason: st
         raise Refused("the form's CSRF field is missing or wrong: reload the page and try again")
 
 
-def loopback_hosts(bind_host: str, port: int) -> list[str] | None:
+def loopback_hosts(bind_host: str) -> tuple[str, ...] | None:
     """Host headers to accept when bound to a loopback address: a DNS
     rebinding page (evil.example resolving to 127.0.0.1) sends its own
     name and is refused. None (accept any) when bound elsewhere."""
     if bind_host not in LOOPBACK_HOSTS:
         return None
-    return ["127.0.0.1", "localhost", "::1", "[::1]"]
+    return ("127.0.0.1", "localhost", "::1", "[::1]")

@@ -48,6 +48,18 @@ def fresh_postgres(database: str) -> str:
     return postgres_url(database)
 
 
+def drop_postgres(database: str) -> None:
+    """Drop a run's own database; best effort (PostgreSQL may be down)."""
+    try:
+        engine = create_engine(PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1),
+                               isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        engine.dispose()
+    except Exception:
+        pass
+
+
 def database_url(kind: str, run_dir: Path, pg_database: str) -> str:
     if kind == "sqlite":
         return f"sqlite:///{run_dir / 'queue.db'}"
@@ -221,16 +233,30 @@ class Supervisor:
         would (its children lead their own groups, so killpg alone would
         reach only the supervisor)."""
         self.watcher.sample()
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
+        # A cgroup kill is atomic; a walk is not: a process forked while we
+        # walk (a job starting its grandchild) would be missed and outlive
+        # the "kill". So stop every process first, walking again until no
+        # new one appears, then kill them all.
+        stopped: dict[int, psutil.Process] = {}
+        while True:
+            try:
+                root = psutil.Process(self.pid)
+                new = [p for p in [root, *root.children(recursive=True)] if p.pid not in stopped]
+            except psutil.NoSuchProcess:
+                new = []
+            if not new:
+                break
+            for proc in new:
+                try:
+                    proc.send_signal(signal.SIGSTOP)
+                except psutil.NoSuchProcess:
+                    pass
+                stopped[proc.pid] = proc
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        for proc in procs:
+        for proc in stopped.values():
             try:
                 proc.kill()
             except psutil.NoSuchProcess:

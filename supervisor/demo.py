@@ -215,6 +215,9 @@ class Demo:
     def hand_over(self, old: Started, new: Started) -> Deploy:
         """SIGTERM to old, then watch until the handoff is committed, every
         job runs on new, and old has exited."""
+        jobs = self.current_jobs()
+        steps = ", ".join(str(_step(jobs[i].checkpoint)) for i in self.job_ids if i in jobs)
+        self.say(f"while new started, the jobs went on on old: last checkpoints now at steps {steps}")
         print("deploy: stopping old (t = 0 at the SIGTERM)", flush=True)
         deploy = Deploy(signalled_at=clock())
         self.deploy = deploy
@@ -266,7 +269,8 @@ class Demo:
             if len(runs.get(job_id, [])) >= 2:
                 step = runs[job_id][-1].start
                 deploy.resumed_at_step[job_id] = step
-                self.say(f"job {job_id} running on new, resumed at step {step} (checkpoint)")
+                self.say(f"job {job_id} running on new, resumed at step {step} (the last checkpoint old "
+                         f"saved before the handoff)")
 
     def note_exit(self, old: Started) -> None:
         if old.exited_at is None and old.popen.poll() is not None:

@@ -38,6 +38,13 @@ class StorageUnavailable(ShiftchangeError):
     """The database cannot be reached (after retries where they apply)."""
 
 
+class StorageRefused(StorageUnavailable):
+    """The database answered and said no for a reason that retrying does not
+    fix (no such database, authentication failed, not a database file, no
+    driver): commands and `run` stop at once. A running supervisor treats it
+    as an outage like any other (an operator may be fixing a grant)."""
+
+
 class SchemaOutOfDate(ShiftchangeError):
     """The database schema is older than this release expects, and this
     command may not (or a contract step must not implicitly) upgrade it."""

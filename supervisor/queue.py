@@ -3,7 +3,7 @@
 from datetime import datetime
 
 from supervisor.config import Config, load_config
-from supervisor.database import ensure_schema, make_engine, mask_url, missing_sqlite_file
+from supervisor.database import command_bounds, ensure_schema, make_engine, mask_url, missing_sqlite_file
 from supervisor.errors import ActionRefused, JobNotFound, UnknownServer
 from supervisor.jobspec import new_job
 from supervisor.records import JOB_STATES, Job, QueueSummary, Server
@@ -29,7 +29,8 @@ class Queue:
         self.config = defaults or Config()
         if not create:
             missing_sqlite_file(url)
-        self.engine = make_engine(url, pre_ping=True)
+        server = self.config.server
+        self.engine = make_engine(url, pre_ping=True, bounds=command_bounds(server.heartbeat_interval, server.dead_after))
         try:
             ensure_schema(self.engine, create=create)
         except BaseException:

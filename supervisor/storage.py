@@ -589,20 +589,17 @@ class Storage:
     def lost_leases(self, server_id: str, leases: dict[int, int]) -> list[int]:
         """Of the jobs this server runs ({id: lease}), those it does not
         hold any more (an operator requeued or deleted them): their runs
-        must be killed."""
+        must be killed. Every way of taking a job from a run bumps its
+        lease or deletes it; a job that left `processing` under the same
+        lease was finished by its own run (which records its outcome
+        itself, see outcomes.py), and is not lost."""
         if not leases:
             return []
         with self._read() as conn:
-            held = {
-                (row.id, row.lease)
-                for row in conn.execute(
-                    select(jobs.c.id, jobs.c.lease).where(
-                        jobs.c.id.in_(list(leases)), jobs.c.server_id == server_id,
-                        jobs.c.state == "processing",
-                    )
-                )
-            }
-        return [job_id for job_id, lease in leases.items() if (job_id, lease) not in held]
+            current = dict(
+                conn.execute(select(jobs.c.id, jobs.c.lease).where(jobs.c.id.in_(list(leases)))).all()
+            )
+        return [job_id for job_id, lease in leases.items() if current.get(job_id) != lease]
 
     def promote_due(self) -> int:
         """Scheduled jobs whose time has come become `enqueued`."""

@@ -3,6 +3,7 @@ deadline instead of sleeping."""
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -10,8 +11,11 @@ from pathlib import Path
 
 import psutil
 import yaml
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 from supervisor import Queue
+from supervisor.database import make_engine
 
 TESTS = Path(__file__).parent
 FAST = {
@@ -130,3 +134,46 @@ class Supervisor:
 
 def read_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
+
+
+def _holds_locks(url: str, server_id: str, job_id: int) -> bool:
+    """Whether a transaction of someone else's holds the SQLite write lock,
+    or the rows of this server or this job."""
+    if url.startswith("sqlite"):
+        conn = sqlite3.connect(url.removeprefix("sqlite:///"), timeout=0.5, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            conn.close()
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(text("SELECT id FROM shiftchange_servers WHERE id = :id FOR UPDATE NOWAIT"),
+                         {"id": server_id})
+            conn.execute(text("SELECT id FROM shiftchange_jobs WHERE id = :id FOR UPDATE NOWAIT"),
+                         {"id": job_id})
+            return False
+    except DBAPIError:
+        return True
+    finally:
+        engine.dispose()
+
+
+def freeze(sup, url: str, server_id: str, job_id: int) -> None:
+    """SIGSTOP `sup` at a moment it is in no transaction. Frozen inside one
+    (a heartbeat, a claim), it would hold its locks for as long as it is
+    frozen: on SQLite every other writer waits (the job's outcome
+    included), elsewhere the reaper skips its locked server row. A limit of
+    freezing a process inside a transaction (no database aborts one for
+    being idle unless told to), not what these tests are about."""
+    for _ in range(100):
+        sup.send(signal.SIGSTOP)
+        if not _holds_locks(url, server_id, job_id):
+            return
+        sup.proc.send_signal(signal.SIGCONT)
+        time.sleep(0.005)  # let it finish its transaction, then try again
+    raise AssertionError(f"{sup.name} was inside a transaction at every try")

@@ -27,6 +27,13 @@ class InvalidJob(ShiftchangeError):
     exit_code = EXIT_USAGE
 
 
+class InvalidFilter(ShiftchangeError):
+    """A job filter (state, queue, target, text) or a queue name that
+    cannot be applied."""
+
+    exit_code = EXIT_USAGE
+
+
 class StorageUnavailable(ShiftchangeError):
     """The database cannot be reached (after retries where they apply)."""
 

@@ -10,7 +10,7 @@ import math
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 from alembic import command
@@ -89,7 +89,7 @@ def command_bounds(heartbeat_interval: float, dead_after: float) -> Bounds:
     """For commands and producers: connect as fast as a server gives up,
     but let one statement take longer (`status` counts every job)."""
     bounds = bounds_for(heartbeat_interval, dead_after)
-    return Bounds(bounds.connect, max(bounds.statement, COMMAND_STATEMENT_S), bounds.keepalive_idle)
+    return replace(bounds, statement=max(bounds.statement, COMMAND_STATEMENT_S))
 
 
 DEFAULT_BOUNDS = bounds_for(1.0, 10.0)  # the defaults of server.*

@@ -33,7 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from supervisor.errors import (
@@ -360,22 +360,9 @@ def upgrade(engine: Engine, revision: str = "head", contract: bool = True) -> tu
     try:
         with schema_lock(engine) as conn:
             return _upgrade_locked(engine, conn, revision, contract)
-    except (OperationalError, InterfaceError) as exc:
-        if _is_lock_timeout(exc):
-            raise _lock_timeout(engine) from None
-        if getattr(exc, "connection_invalidated", False) or _connection_error(exc):
-            raise unavailable(engine, exc) from None
-        raise _failed(engine, revision, exc) from None
     except DBAPIError as exc:
-        raise _failed(engine, revision, exc) from None
-
-
-def _failed(engine, revision, exc) -> SchemaUpgradeFailed:
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-    target = head_revision() if revision == "head" else revision
-    return SchemaUpgradeFailed(
-        f"creating or upgrading the schema of {mask_url(engine.url)} to revision {target} failed: {reason}"
-    )
+        target = head_revision() if revision == "head" else revision
+        raise _schema_error(engine, f"creating or upgrading the schema to revision {target}", exc) from None
 
 
 def _is_lock_timeout(exc) -> bool:
@@ -384,6 +371,8 @@ def _is_lock_timeout(exc) -> bool:
 
 
 def _connection_error(exc) -> bool:
+    if getattr(exc, "connection_invalidated", False):
+        return True
     text_ = str(getattr(exc, "orig", exc)).lower()
     return any(
         words in text_
@@ -506,15 +495,11 @@ def ensure_schema(engine: Engine, create: bool = True) -> None:
     say in one line what is wrong. A newer schema is fine when declared
     compatible with this release; otherwise: upgrade this server.
     """
-    try:
-        with engine.connect() as conn:
-            state = schema_state(conn)
-    except DBAPIError as exc:
-        raise unavailable(engine, exc) from None
     known, head = known_revisions(), head_revision()
-    if usable(state, known, head):
+    state = _peek(engine)
+    if state is not None and usable(state, known, head):
         return
-    if state.revision is not None and state.revision not in known:
+    if state is not None and state.revision is not None and state.revision not in known:
         raise _too_new(engine, state)
     if create:
         upgrade(engine, contract=False)
@@ -525,6 +510,34 @@ def ensure_schema(engine: Engine, create: bool = True) -> None:
         with schema_lock(engine) as conn:
             state = schema_state(conn)
     except DBAPIError as exc:
-        raise unavailable(engine, exc) from None
+        raise _schema_error(engine, "reading the schema revision", exc) from None
     if not usable(state, known, head):
         raise _explain(engine, state)
+
+
+def _peek(engine: Engine) -> SchemaState | None:
+    """The schema state read without the lock, or None when it cannot be
+    read that way: MariaDB refuses to read a table's definition while
+    another session changes it (error 1684)."""
+    try:
+        conn = engine.connect()
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from None
+    with conn:
+        try:
+            return schema_state(conn)
+        except DBAPIError as exc:
+            if _connection_error(exc):
+                raise unavailable(engine, exc) from None
+            return None
+
+
+def _schema_error(engine, what: str, exc: DBAPIError) -> ShiftchangeError:
+    """A lost connection is an outage (retried by a server at start);
+    anything else names what failed."""
+    if _is_lock_timeout(exc):
+        return _lock_timeout(engine)
+    if _connection_error(exc):
+        return unavailable(engine, exc)
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return SchemaUpgradeFailed(f"{what} failed on {mask_url(engine.url)}: {reason}")

@@ -1,0 +1,194 @@
+"""Upgrading shiftchange itself during a rolling deploy (issue 22), for
+real: the previous release, installed in a venv of its own by
+.ci/install-previous-release, runs side by side with this checkout on
+SQLite, PostgreSQL and MariaDB.
+
+Old servers run jobs; a new server starts and migrates the schema; an old
+server restarts on the migrated schema; an old pod's pre-stop hook (the old
+CLI) hands off; jobs enqueued by both releases finish exactly as they would
+have without the upgrade, judged from what the jobs themselves wrote.
+
+Skipped when the previous release is not installed locally; CI
+(SHIFTCHANGE_REQUIRE_ALL_DATABASES=1) fails instead.
+"""
+
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from harness import Supervisor, read_lines, wait_for
+from sqlalchemy import text
+
+from supervisor import Queue, __version__
+from supervisor.database import head_revision, make_engine
+from supervisor.tables import COMPAT_TABLE, VERSION_TABLE
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).parent
+REPO = TESTS.parent
+OLD_VENV = Path(os.environ.get("SHIFTCHANGE_PREVIOUS_RELEASE_VENV", REPO / ".previous-release" / "venv"))
+STEPS = 10
+STEP_SECONDS = 0.4  # a job runs 4 s: long enough to be caught by each step of the upgrade
+SETTINGS = dict(jobs={"allow": ["upgradejobs:*"]}, server={"concurrency": 2})
+
+
+@pytest.fixture
+def old_release():
+    """The previous release's python (its own code, not this checkout's)."""
+    python = OLD_VENV / "bin" / "python"
+    if not (OLD_VENV / "bin" / "shiftchange").exists():
+        message = f"the previous release is not installed in {OLD_VENV}: run .ci/install-previous-release"
+        if os.environ.get("SHIFTCHANGE_REQUIRE_ALL_DATABASES"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
+def only_tests_on_path() -> dict:
+    """An environment in which the old release imports its own package:
+    tests/ for the job module, never this checkout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIFTCHANGE_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env["PYTHONPATH"] = str(TESTS)
+    return env
+
+
+def old_cli(old_python, config: Path, *args) -> subprocess.CompletedProcess:
+    """The old release's `shiftchange`, as an old pod's hook runs it."""
+    return subprocess.run(
+        [str(old_python.parent / "shiftchange"), *args, "--config", str(config)],
+        capture_output=True, text=True, timeout=60, env=only_tests_on_path(), cwd=config.parent,
+    )
+
+
+def old_api_enqueue(old_python, url, records, count) -> list[int]:
+    """Jobs enqueued through the old release's Python API, in one go."""
+    code = (
+        "import json, sys\n"
+        "from supervisor import Queue\n"
+        "with Queue(sys.argv[1]) as q:\n"
+        "    print(json.dumps([q.enqueue('upgradejobs:count', json.loads(sys.argv[2])).id"
+        f" for _ in range({count})]))\n"
+    )
+    ran = subprocess.run(
+        [str(old_python), "-c", code, url, json.dumps([str(records), STEPS, STEP_SECONDS])],
+        capture_output=True, text=True, timeout=60, env=only_tests_on_path(), cwd=records,
+    )
+    assert ran.returncode == 0, ran.stderr
+    return json.loads(ran.stdout)
+
+
+def sql(url, statement):
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text(statement)).all()
+    finally:
+        engine.dispose()
+
+
+def processing_on(url, name) -> int:
+    return sql(url, "SELECT COUNT(*) FROM shiftchange_jobs j JOIN shiftchange_servers s ON s.id = j.server_id"
+                    f" WHERE j.state = 'processing' AND s.name = '{name}' AND s.state = 'running'")[0][0]
+
+
+def running(url, name) -> bool:
+    return bool(sql(url, f"SELECT id FROM shiftchange_servers WHERE name = '{name}' AND state = 'running'"))
+
+
+def test_a_rolling_upgrade_from_the_previous_release(db_url, tmp_path, old_release, records):
+    started = []
+
+    def server(name, python=None):
+        sup = Supervisor(db_url, tmp_path, name, python=python,
+                         env=only_tests_on_path() if python else None, **SETTINGS)
+        started.append(sup)
+        return sup.start()
+
+    try:
+        # The old release creates the schema, as its deploy step did (0.1.0
+        # could not start several servers at once on an empty database).
+        config = Supervisor(db_url, tmp_path, "old1", **SETTINGS).config_path
+        created = old_cli(old_release, config, "db", "upgrade")
+        assert created.returncode == 0, created.stderr
+        old1 = server("old1", old_release)
+        old2 = server("old2", old_release)
+        wait_for(lambda: running(db_url, "old1") and running(db_url, "old2"), timeout=30,
+                 what="the old servers to register\n" + old1.log() + old2.log())
+        # The old release created the schema as it always did.
+        assert sql(db_url, f"SELECT version_num FROM {COMPAT_TABLE}") == [("0002",)]
+
+        def old_enqueue():
+            ran = old_cli(old_release, config, "enqueue", "upgradejobs:count", "--args",
+                          json.dumps([str(records), STEPS, STEP_SECONDS]))
+            assert ran.returncode == 0, ran.stderr
+            return int(ran.stdout)
+
+        job_ids = old_api_enqueue(old_release, db_url, records, 6)
+        wait_for(lambda: processing_on(db_url, "old1") and processing_on(db_url, "old2"),
+                 timeout=30, what="both old servers to run jobs\n" + old1.log() + old2.log())
+
+        # The new release starts beside them and migrates.
+        new1 = server("new1")
+        wait_for(lambda: running(db_url, "new1"), timeout=30, what="new1 to register\n" + new1.log())
+        assert sql(db_url, f"SELECT version_num FROM {VERSION_TABLE}") == [(head_revision(),)]
+        assert sql(db_url, f"SELECT version_num FROM {COMPAT_TABLE}") == [("0002",)]
+
+        # An old server restarts (a crash loop, a node drain) on the new
+        # schema, handing off what it runs.
+        wait_for(lambda: processing_on(db_url, "old2"), timeout=30, what="old2 to run a job")
+        old2.send(signal.SIGTERM)
+        assert old2.wait() == 0, old2.log()
+        old2 = server("old2", old_release)
+        wait_for(lambda: running(db_url, "old2"), timeout=30, what="old2 to come back\n" + old2.log())
+
+        # The old release still enqueues; so does the new one.
+        job_ids += [old_enqueue() for _ in range(2)]
+        with Queue(db_url) as queue:
+            job_ids += [queue.enqueue("upgradejobs:count", [str(records), STEPS, STEP_SECONDS]).id for _ in range(2)]
+
+        # An old pod's pre-stop hook: the old CLI hands off its server.
+        wait_for(lambda: processing_on(db_url, "old1"), timeout=30, what="old1 to run a job")
+        handed = old_cli(old_release, config, "handoff", "--server", "old1", "--json")
+        assert handed.returncode == 0, handed.stderr
+        assert old1.wait() == 0, old1.log()
+
+        # The old CLI reads the new schema; the new one shows who runs what.
+        old_status = old_cli(old_release, config, "status", "--json")
+        assert old_status.returncode == 0, old_status.stderr
+        assert {"new1", "old2"} <= {s["name"] for s in json.loads(old_status.stdout)["servers"]
+                                    if s["state"] == "running"}
+
+        with Queue(db_url, create=False) as queue:
+            wait_for(lambda: all(queue.get(j).state == "succeeded" for j in job_ids), timeout=90,
+                     what="every job to succeed\n" + "\n".join(s.log()[-2000:] for s in started))
+            jobs = [queue.get(j) for j in job_ids]
+            versions = {s.name: s.version for s in queue.storage.servers(states=("running",))}
+        assert versions == {"new1": __version__, "old2": None}  # 0.1.0 records no version
+
+        # Judged from the jobs' own records: each added 1..STEPS exactly once
+        # over however many runs, and wrote its result once.
+        expected_total = STEPS * (STEPS + 1) // 2
+        for job in jobs:
+            assert read_lines(records / f"job-{job.id}.done")[0].split()[0] == str(expected_total)
+            assert len(read_lines(records / f"job-{job.id}.done")) == 1, job
+            assert job.attempts == 1 and job.error is None, job
+            # one run per start: the first, and one after each handoff
+            assert len(read_lines(records / f"job-{job.id}.runs")) == job.interruptions + 1, job
+        # Jobs really crossed releases: both old servers handed off.
+        assert sum(job.interruptions for job in jobs) >= 2
+        for sup in started:
+            assert "Traceback" not in sup.log(), sup.log()
+    finally:
+        for sup in started:
+            if sup.proc.poll() is None:
+                sup.send(signal.SIGTERM)
+        for sup in started:
+            try:
+                sup.wait(20)
+            finally:
+                sup.destroy()

@@ -344,8 +344,9 @@ def schema_lock(engine: Engine):
 
 
 def _lock_timeout(engine) -> StorageUnavailable:
+    # An outage-like error: a server at start retries it.
     return StorageUnavailable(
-        f"waited {SCHEMA_LOCK_WAIT_S}s for the schema lock of {mask_url(engine.url)}: "
+        f"timed out waiting for the schema lock of {mask_url(engine.url)}: "
         f"another process is creating or upgrading the schema"
     )
 

@@ -338,9 +338,16 @@ def schema_lock(engine: Engine):
                 yield conn
         finally:
             if dialect in ("mysql", "mariadb"):
-                conn.rollback()
-                conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": SCHEMA_LOCK_NAME})
-                conn.commit()
+                _release_named_lock(conn)
+
+
+def _release_named_lock(conn) -> None:
+    try:
+        conn.rollback()
+        conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": SCHEMA_LOCK_NAME})
+        conn.commit()
+    except DBAPIError:
+        pass  # a lost session has lost its lock too
 
 
 def _lock_timeout(engine) -> StorageUnavailable:
@@ -407,13 +414,17 @@ def _upgrade_locked(engine, conn, revision, contract):
         command.stamp(_alembic_config(conn), state.revision)
     if pending:
         command.upgrade(_alembic_config(conn), target)
-    _set_marker(conn, state.marker, marker_for(target))
-    return state.revision, target
+    after = target if pending else state.revision
+    if after is not None:
+        _set_marker(conn, state.marker, marker_for(after))
+    return state.revision, after
 
 
 def _pending(current: str | None, target: str) -> list:
-    """The scripts between `current` (excluded) and `target`, oldest first."""
-    if current == target:
+    """The scripts between `current` (excluded) and `target`, oldest first;
+    none when `target` is not ahead of `current`: we never migrate down."""
+    known = known_revisions()
+    if current is not None and known.index(target) <= known.index(current):
         return []
     return list(reversed(list(_scripts().iterate_revisions(target, current))))
 

@@ -237,3 +237,9 @@ def test_a_row_inserted_as_0_1_did_gets_the_defaults_of_the_new_columns(engine, 
         (server,) = queue.servers()
     assert (server.version, server.release, server.quiet) == (None, None, False)
     assert server.to_dict()["version"] is None and "release" in server.to_dict()
+
+
+def test_an_older_target_never_migrates_down(engine):
+    upgrade(engine)
+    assert upgrade(engine, "0001") == (head_revision(), head_revision())
+    assert versions(engine) == (head_revision(), "0002")

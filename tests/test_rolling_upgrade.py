@@ -91,6 +91,15 @@ def sql(url, statement):
         engine.dispose()
 
 
+def sql_write(url, statement) -> None:
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
+
+
 def processing_on(url, name) -> int:
     return sql(url, "SELECT COUNT(*) FROM shiftchange_jobs j JOIN shiftchange_servers s ON s.id = j.server_id"
                     f" WHERE j.state = 'processing' AND s.name = '{name}' AND s.state = 'running'")[0][0]
@@ -192,3 +201,32 @@ def test_a_rolling_upgrade_from_the_previous_release(db_url, tmp_path, old_relea
                 sup.wait(20)
             finally:
                 sup.destroy()
+
+
+def test_an_old_server_beside_the_new_features(db_url, tmp_path, old_release, records):
+    """What docs/design.md says 0.1.0 does with each column of 0003: it
+    treats a quiet server as alive, ignores a paused queue, and its own
+    row gets the defaults."""
+    with Queue(db_url) as queue:
+        quiet_id = queue.storage.register_server(
+            name="quiet-new", host="elsewhere", pid=1, pid_started_at=None,
+            queues=["default"], concurrency=1, dead_after=60.0)
+        sql_write(db_url, f"UPDATE shiftchange_servers SET quiet = TRUE WHERE id = '{quiet_id}'")
+        sql_write(db_url, "INSERT INTO shiftchange_queues (name, paused) VALUES ('default', TRUE)")
+        old = Supervisor(db_url, tmp_path, "old", python=old_release, env=only_tests_on_path(), **SETTINGS)
+        try:
+            old.start()
+            wait_for(lambda: running(db_url, "old"), timeout=30, what="old to register\n" + old.log())
+            job = queue.enqueue("upgradejobs:count", [str(records), 2, 0.05])
+            wait_for(lambda: queue.get(job.id).state == "succeeded", timeout=30,
+                     what="the old server to run a job of the paused queue\n" + old.log())
+            reaped = old_cli(old_release, old.config_path, "reap", "--json")
+            assert reaped.returncode == 0, reaped.stderr
+            assert json.loads(reaped.stdout) == {"requeued": [], "failed": []}
+            servers = {s.name: s for s in queue.storage.servers()}
+            assert servers["quiet-new"].state == "running" and servers["quiet-new"].quiet
+            assert (servers["old"].version, servers["old"].release, servers["old"].quiet) == (None, None, False)
+            old.send(signal.SIGTERM)
+            assert old.wait() == 0
+        finally:
+            old.destroy()

@@ -243,3 +243,13 @@ def test_an_older_target_never_migrates_down(engine):
     upgrade(engine)
     assert upgrade(engine, "0001") == (head_revision(), head_revision())
     assert versions(engine) == (head_revision(), "0002")
+
+
+def test_a_failed_migration_names_what_failed_not_an_outage(engine):
+    with engine.begin() as conn:  # in the way of revision 0003
+        conn.execute(text("CREATE TABLE shiftchange_queues (name VARCHAR(10))"))
+    with pytest.raises(SchemaUpgradeFailed) as failed:
+        ensure_schema(engine)
+    message = str(failed.value)
+    assert "upgrading the schema to revision 0003 failed on" in message, message
+    assert "shiftchange_queues" in message and "cannot reach" not in message, message

@@ -90,9 +90,9 @@ def test_replicas_and_a_health_check_start_together_on_an_empty_database(db_url,
             for proc in runs:
                 if proc.poll() is None:
                     os.killpg(proc.pid, signal.SIGTERM)
-            for proc in runs:
+            for i, proc in enumerate(runs):
                 try:
-                    assert proc.wait(30) == 0
+                    assert proc.wait(30) == 0, (workdir / f"r{i}.log").read_text()
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
                     raise

@@ -32,7 +32,8 @@ TESTS = Path(__file__).parent
 REPO = TESTS.parent
 OLD_VENV = Path(os.environ.get("SHIFTCHANGE_PREVIOUS_RELEASE_VENV", REPO / ".previous-release" / "venv"))
 STEPS = 10
-STEP_SECONDS = 0.4  # a job runs 4 s: long enough to be caught by each step of the upgrade
+LONG_STEPS = 60  # 18 s: still running when its old server restarts or hands off
+STEP_SECONDS = 0.3
 SETTINGS = dict(jobs={"allow": ["upgradejobs:*"]}, server={"concurrency": 2})
 
 
@@ -65,17 +66,19 @@ def old_cli(old_python, config: Path, *args) -> subprocess.CompletedProcess:
     )
 
 
-def old_api_enqueue(old_python, url, records, count) -> list[int]:
-    """Jobs enqueued through the old release's Python API, in one go."""
+def old_api_enqueue(old_python, url, records, specs) -> list[int]:
+    """Jobs enqueued through the old release's Python API, in one go:
+    `specs` is a list of (queue, steps, priority)."""
     code = (
         "import json, sys\n"
         "from supervisor import Queue\n"
+        "records, step_seconds, specs = json.loads(sys.argv[2])\n"
         "with Queue(sys.argv[1]) as q:\n"
-        "    print(json.dumps([q.enqueue('upgradejobs:count', json.loads(sys.argv[2])).id"
-        f" for _ in range({count})]))\n"
+        "    print(json.dumps([q.enqueue('upgradejobs:count', [records, steps, step_seconds],"
+        " queue=queue, priority=priority).id for queue, steps, priority in specs]))\n"
     )
     ran = subprocess.run(
-        [str(old_python), "-c", code, url, json.dumps([str(records), STEPS, STEP_SECONDS])],
+        [str(old_python), "-c", code, url, json.dumps([str(records), STEP_SECONDS, specs])],
         capture_output=True, text=True, timeout=60, env=only_tests_on_path(), cwd=records,
     )
     assert ran.returncode == 0, ran.stderr
@@ -111,10 +114,11 @@ def running(url, name) -> bool:
 
 def test_a_rolling_upgrade_from_the_previous_release(db_url, tmp_path, old_release, records):
     started = []
+    steps_of: dict[int, int] = {}
 
-    def server(name, python=None):
-        sup = Supervisor(db_url, tmp_path, name, python=python,
-                         env=only_tests_on_path() if python else None, **SETTINGS)
+    def server(name, queues, python=None):
+        sup = Supervisor(db_url, tmp_path, name, python=python, env=only_tests_on_path() if python else None,
+                         jobs=SETTINGS["jobs"], server={"concurrency": 2, "queues": queues})
         started.append(sup)
         return sup.start()
 
@@ -124,72 +128,77 @@ def test_a_rolling_upgrade_from_the_previous_release(db_url, tmp_path, old_relea
         config = Supervisor(db_url, tmp_path, "old1", **SETTINGS).config_path
         created = old_cli(old_release, config, "db", "upgrade")
         assert created.returncode == 0, created.stderr
-        old1 = server("old1", old_release)
-        old2 = server("old2", old_release)
+        # Each old server also serves a queue of its own, so that it surely
+        # runs jobs when it is restarted or handed off.
+        old1 = server("old1", ["held1", "default"], old_release)
+        old2 = server("old2", ["held2", "default"], old_release)
         wait_for(lambda: running(db_url, "old1") and running(db_url, "old2"), timeout=30,
                  what="the old servers to register\n" + old1.log() + old2.log())
-        # The old release created the schema as it always did.
         assert sql(db_url, f"SELECT version_num FROM {COMPAT_TABLE}") == [("0002",)]
 
-        def old_enqueue():
-            ran = old_cli(old_release, config, "enqueue", "upgradejobs:count", "--args",
-                          json.dumps([str(records), STEPS, STEP_SECONDS]))
-            assert ran.returncode == 0, ran.stderr
-            return int(ran.stdout)
-
-        job_ids = old_api_enqueue(old_release, db_url, records, 6)
-        wait_for(lambda: processing_on(db_url, "old1") and processing_on(db_url, "old2"),
-                 timeout=30, what="both old servers to run jobs\n" + old1.log() + old2.log())
+        specs = [["held1", LONG_STEPS, 10]] * 2 + [["held2", LONG_STEPS, 10]] * 2 + [["default", STEPS, 0]] * 4
+        job_ids = old_api_enqueue(old_release, db_url, records, specs)
+        steps_of.update((job_id, spec[1]) for job_id, spec in zip(job_ids, specs))
+        wait_for(lambda: processing_on(db_url, "old1") == 2 and processing_on(db_url, "old2") == 2,
+                 timeout=30, what="both old servers to run their long jobs\n" + old1.log() + old2.log())
 
         # The new release starts beside them and migrates.
-        new1 = server("new1")
+        new1 = server("new1", ["held1", "held2", "default"])
         wait_for(lambda: running(db_url, "new1"), timeout=30, what="new1 to register\n" + new1.log())
         assert sql(db_url, f"SELECT version_num FROM {VERSION_TABLE}") == [(head_revision(),)]
         assert sql(db_url, f"SELECT version_num FROM {COMPAT_TABLE}") == [("0002",)]
 
         # An old server restarts (a crash loop, a node drain) on the new
         # schema, handing off what it runs.
-        wait_for(lambda: processing_on(db_url, "old2"), timeout=30, what="old2 to run a job")
+        assert processing_on(db_url, "old2")
         old2.send(signal.SIGTERM)
         assert old2.wait() == 0, old2.log()
-        old2 = server("old2", old_release)
+        old2 = server("old2", ["held2", "default"], old_release)
         wait_for(lambda: running(db_url, "old2"), timeout=30, what="old2 to come back\n" + old2.log())
 
         # The old release still enqueues; so does the new one.
-        job_ids += [old_enqueue() for _ in range(2)]
+        for _ in range(2):
+            ran = old_cli(old_release, config, "enqueue", "upgradejobs:count", "--args",
+                          json.dumps([str(records), STEPS, STEP_SECONDS]))
+            assert ran.returncode == 0, ran.stderr
+            steps_of[int(ran.stdout)] = STEPS
         with Queue(db_url) as queue:
-            job_ids += [queue.enqueue("upgradejobs:count", [str(records), STEPS, STEP_SECONDS]).id for _ in range(2)]
+            for _ in range(2):
+                steps_of[queue.enqueue("upgradejobs:count", [str(records), STEPS, STEP_SECONDS]).id] = STEPS
 
         # An old pod's pre-stop hook: the old CLI hands off its server.
-        wait_for(lambda: processing_on(db_url, "old1"), timeout=30, what="old1 to run a job")
+        assert processing_on(db_url, "old1")
         handed = old_cli(old_release, config, "handoff", "--server", "old1", "--json")
         assert handed.returncode == 0, handed.stderr
         assert old1.wait() == 0, old1.log()
 
-        # The old CLI reads the new schema; the new one shows who runs what.
+        # The old CLI reads the new schema.
         old_status = old_cli(old_release, config, "status", "--json")
         assert old_status.returncode == 0, old_status.stderr
         assert {"new1", "old2"} <= {s["name"] for s in json.loads(old_status.stdout)["servers"]
                                     if s["state"] == "running"}
 
         with Queue(db_url, create=False) as queue:
-            wait_for(lambda: all(queue.get(j).state == "succeeded" for j in job_ids), timeout=90,
+            wait_for(lambda: all(queue.get(j).state == "succeeded" for j in steps_of), timeout=120,
                      what="every job to succeed\n" + "\n".join(s.log()[-2000:] for s in started))
-            jobs = [queue.get(j) for j in job_ids]
+            jobs = [queue.get(j) for j in steps_of]
             versions = {s.name: s.version for s in queue.storage.servers(states=("running",))}
         assert versions == {"new1": __version__, "old2": None}  # 0.1.0 records no version
 
-        # Judged from the jobs' own records: each added 1..STEPS exactly once
-        # over however many runs, and wrote its result once.
-        expected_total = STEPS * (STEPS + 1) // 2
+        # Judged from the jobs' own records: each added 1..steps exactly once
+        # over however many runs, never two runs at once. (A run may write
+        # its result and be handed off before its outcome commits, the one
+        # window docs/design.md admits; the rerun resumes at its last
+        # checkpoint and writes the same result.)
         for job in jobs:
-            assert read_lines(records / f"job-{job.id}.done")[0].split()[0] == str(expected_total)
-            assert len(read_lines(records / f"job-{job.id}.done")) == 1, job
+            total = steps_of[job.id] * (steps_of[job.id] + 1) // 2
+            done = read_lines(records / f"job-{job.id}.done")
+            assert 1 <= len(done) <= job.interruptions + 1 and {d.split()[0] for d in done} == {str(total)}, job
             assert job.attempts == 1 and job.error is None, job
-            # one run per start: the first, and one after each handoff
             assert len(read_lines(records / f"job-{job.id}.runs")) == job.interruptions + 1, job
-        # Jobs really crossed releases: both old servers handed off.
-        assert sum(job.interruptions for job in jobs) >= 2
+            if job.queue != "default":  # both old servers handed their long jobs off
+                assert job.interruptions >= 1, job
+        assert read_lines(records / "overlaps") == []
         for sup in started:
             assert "Traceback" not in sup.log(), sup.log()
     finally:
@@ -217,7 +226,7 @@ def test_an_old_server_beside_the_new_features(db_url, tmp_path, old_release, re
         try:
             old.start()
             wait_for(lambda: running(db_url, "old"), timeout=30, what="old to register\n" + old.log())
-            job = queue.enqueue("upgradejobs:count", [str(records), 2, 0.05])
+            job = queue.enqueue("upgradejobs:count", [str(records), 2, 0.05])  # default queue
             wait_for(lambda: queue.get(job.id).state == "succeeded", timeout=30,
                      what="the old server to run a job of the paused queue\n" + old.log())
             reaped = old_cli(old_release, old.config_path, "reap", "--json")

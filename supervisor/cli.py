@@ -446,13 +446,14 @@ def reap(config: ConfigOption = None, json_: JsonOption = False):
 @reports_errors
 def db_upgrade(config: ConfigOption = None):
     """Create or upgrade the schema to this release's version."""
-    from supervisor.database import make_engine, mask_url, upgrade
+    from supervisor.database import head_revision, make_engine, mask_url, upgrade
 
     settings = load_config(config)
     engine = make_engine(settings.database.url)
     _reachable(engine)
     before, after = upgrade(engine)
-    typer.echo(f"{mask_url(settings.database.url)}: schema {before or 'none'} -> {after}")
+    newer = "" if after == head_revision() else f" (newer than this release's {head_revision()}, and compatible with it)"
+    typer.echo(f"{mask_url(settings.database.url)}: schema {before or 'none'} -> {after}{newer}")
 
 
 def _reachable(engine) -> bool:

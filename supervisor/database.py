@@ -15,7 +15,6 @@ from importlib import resources
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Column,
@@ -34,7 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from supervisor.errors import (
@@ -498,14 +497,22 @@ def schema_lock(engine: Engine):
                 yield conn
         finally:
             if dialect in ("mysql", "mariadb"):
-                conn.rollback()
-                conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": SCHEMA_LOCK_NAME})
-                conn.commit()
+                _release_named_lock(conn)
+
+
+def _release_named_lock(conn) -> None:
+    try:
+        conn.rollback()
+        conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": SCHEMA_LOCK_NAME})
+        conn.commit()
+    except DBAPIError:
+        pass  # a lost session has lost its lock too
 
 
 def _lock_timeout(engine) -> StorageUnavailable:
+    # An outage-like error: a server at start retries it.
     return StorageUnavailable(
-        f"waited {SCHEMA_LOCK_WAIT_S}s for the schema lock of {mask_url(engine.url)}: "
+        f"timed out waiting for the schema lock of {mask_url(engine.url)}: "
         f"another process is creating or upgrading the schema"
     )
 
@@ -520,22 +527,9 @@ def upgrade(engine: Engine, revision: str = "head", contract: bool = True) -> tu
     try:
         with schema_lock(engine) as conn:
             return _upgrade_locked(engine, conn, revision, contract)
-    except (OperationalError, InterfaceError) as exc:
-        if _is_lock_timeout(exc):
-            raise _lock_timeout(engine) from None
-        if getattr(exc, "connection_invalidated", False) or _connection_error(exc):
-            raise unavailable(engine, exc) from None
-        raise _failed(engine, revision, exc) from None
     except DBAPIError as exc:
-        raise _failed(engine, revision, exc) from None
-
-
-def _failed(engine, revision, exc) -> SchemaUpgradeFailed:
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-    target = head_revision() if revision == "head" else revision
-    return SchemaUpgradeFailed(
-        f"creating or upgrading the schema of {mask_url(engine.url)} to revision {target} failed: {reason}"
-    )
+        target = head_revision() if revision == "head" else revision
+        raise _schema_error(engine, f"creating or upgrading the schema to revision {target}", exc) from None
 
 
 def _is_lock_timeout(exc) -> bool:
@@ -544,6 +538,8 @@ def _is_lock_timeout(exc) -> bool:
 
 
 def _connection_error(exc) -> bool:
+    if getattr(exc, "connection_invalidated", False):
+        return True
     text_ = str(getattr(exc, "orig", exc)).lower()
     return any(
         words in text_
@@ -577,13 +573,17 @@ def _upgrade_locked(engine, conn, revision, contract):
         command.stamp(_alembic_config(conn), state.revision)
     if pending:
         command.upgrade(_alembic_config(conn), target)
-    _set_marker(conn, state.marker, marker_for(target))
-    return state.revision, target
+    after = target if pending else state.revision
+    if after is not None:
+        _set_marker(conn, state.marker, marker_for(after))
+    return state.revision, after
 
 
 def _pending(current: str | None, target: str) -> list:
-    """The scripts between `current` (excluded) and `target`, oldest first."""
-    if current == target:
+    """The scripts between `current` (excluded) and `target`, oldest first;
+    none when `target` is not ahead of `current`: we never migrate down."""
+    known = known_revisions()
+    if current is not None and known.index(target) <= known.index(current):
         return []
     return list(reversed(list(_scripts().iterate_revisions(target, current))))
 
@@ -666,15 +666,11 @@ def ensure_schema(engine: Engine, create: bool = True) -> None:
     say in one line what is wrong. A newer schema is fine when declared
     compatible with this release; otherwise: upgrade this server.
     """
-    try:
-        with engine.connect() as conn:
-            state = schema_state(conn)
-    except DBAPIError as exc:
-        raise unavailable(engine, exc) from None
     known, head = known_revisions(), head_revision()
-    if usable(state, known, head):
+    state = _peek(engine)
+    if state is not None and usable(state, known, head):
         return
-    if state.revision is not None and state.revision not in known:
+    if state is not None and state.revision is not None and state.revision not in known:
         raise _too_new(engine, state)
     if create:
         upgrade(engine, contract=False)
@@ -685,6 +681,34 @@ def ensure_schema(engine: Engine, create: bool = True) -> None:
         with schema_lock(engine) as conn:
             state = schema_state(conn)
     except DBAPIError as exc:
-        raise unavailable(engine, exc) from None
+        raise _schema_error(engine, "reading the schema revision", exc) from None
     if not usable(state, known, head):
         raise _explain(engine, state)
+
+
+def _peek(engine: Engine) -> SchemaState | None:
+    """The schema state read without the lock, or None when it cannot be
+    read that way: MariaDB refuses to read a table's definition while
+    another session changes it (error 1684)."""
+    try:
+        conn = engine.connect()
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from None
+    with conn:
+        try:
+            return schema_state(conn)
+        except DBAPIError as exc:
+            if _connection_error(exc):
+                raise unavailable(engine, exc) from None
+            return None
+
+
+def _schema_error(engine, what: str, exc: DBAPIError) -> ShiftchangeError:
+    """A lost connection is an outage (retried by a server at start);
+    anything else names what failed."""
+    if _is_lock_timeout(exc):
+        return _lock_timeout(engine)
+    if _connection_error(exc):
+        return unavailable(engine, exc)
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return SchemaUpgradeFailed(f"{what} failed on {mask_url(engine.url)}: {reason}")

@@ -47,8 +47,9 @@ def merge(base: dict, extra: dict) -> dict:
 class Supervisor:
     """One `python -m supervisor run` process in its own session."""
 
-    def __init__(self, url: str, workdir: Path, name: str, prefix=(), env=None, **settings):
+    def __init__(self, url: str, workdir: Path, name: str, prefix=(), env=None, python=None, **settings):
         self.name = name
+        self.python = python or sys.executable  # another release's venv runs its own code
         self.prefix = list(prefix)  # e.g. ["unshare", "--pid", "--fork"]
         self.extra_env = env or {}
         self.workdir = workdir
@@ -65,7 +66,7 @@ class Supervisor:
         env.pop("NOTIFY_SOCKET", None)
         env.update(self.extra_env)
         self.proc = subprocess.Popen(
-            [*self.prefix, sys.executable, "-m", "supervisor", "run", "--config", str(self.config_path),
+            [*self.prefix, self.python, "-m", "supervisor", "run", "--config", str(self.config_path),
              "--name", self.name],
             stdout=open(self.log_path.with_suffix(".out"), "w"),
             stderr=open(self.log_path, "w"),

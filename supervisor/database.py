@@ -139,7 +139,7 @@ def _connect_args(dialect: str, bounds: Bounds, url) -> dict:
             "keepalives": 1,
             "keepalives_idle": bounds.keepalive_idle,
             "keepalives_interval": 1,
-            "keepalives_count": max(1, math.ceil(bounds.statement)),
+            "keepalives_count": min(127, max(1, math.ceil(bounds.statement))),  # Linux takes at most 127
             "tcp_user_timeout": statement_ms,
             "options": f"{own} {server_side}" if own else server_side,
         }
@@ -343,6 +343,10 @@ FIRST_RELEASE_HEAD = "0002"  # release 0.1.0: where the marker starts
 SCHEMA_LOCK_NAME = "shiftchange_schema"  # MariaDB GET_LOCK name
 SCHEMA_LOCK_KEY = 0x73686966746368  # PostgreSQL advisory lock key ("shiftch")
 SCHEMA_LOCK_WAIT_S = 60
+# Creating or upgrading the schema: wait for the lock as long as another
+# replica may hold it, and give one migration step minutes. Still bounded:
+# a black-holed database ends the wait, and nothing is owned before start.
+MIGRATION_BOUNDS = Bounds(connect=5, statement=SCHEMA_LOCK_WAIT_S + 240, keepalive_idle=5)
 # Where the migration scripts live; a test points it at a copy with an extra
 # contract step.
 script_location = str(resources.files("supervisor") / "migrations")
@@ -523,13 +527,21 @@ def upgrade(engine: Engine, revision: str = "head", contract: bool = True) -> tu
     leaves a newer schema that this release may use alone. With
     `contract=False` (a server or producer at start) only additive steps
     run; a contract step also needs that no live server still runs a
-    release it would break."""
+    release it would break.
+
+    It runs on an engine of its own with MIGRATION_BOUNDS: a server's
+    statement bound (seconds) would cut off the wait for the schema lock
+    while another replica migrates, and any step that takes longer, such as
+    building an index on a large table."""
+    migrating = make_engine(engine.url.render_as_string(hide_password=False), bounds=MIGRATION_BOUNDS)
     try:
-        with schema_lock(engine) as conn:
-            return _upgrade_locked(engine, conn, revision, contract)
+        with schema_lock(migrating) as conn:
+            return _upgrade_locked(migrating, conn, revision, contract)
     except DBAPIError as exc:
         target = head_revision() if revision == "head" else revision
         raise _schema_error(engine, f"creating or upgrading the schema to revision {target}", exc) from None
+    finally:
+        migrating.dispose()
 
 
 def _is_lock_timeout(exc) -> bool:

@@ -16,7 +16,6 @@ starts is stopped in a finally block, and the temporary directory goes with it.
 
 import json
 import os
-import re
 import signal
 import subprocess
 import sys

@@ -178,3 +178,38 @@ def freeze(sup, url: str, server_id: str, job_id: int) -> None:
         sup.proc.send_signal(signal.SIGCONT)
         time.sleep(0.005)  # let it finish its transaction, then try again
     raise AssertionError(f"{sup.name} was inside a transaction at every try")
+
+
+def runs(records: Path, job_id: int) -> list[str]:
+    """The pid of each run of a job, as scjobs records them."""
+    return read_lines(records / f"job-{job_id}.runs")
+
+
+def events_of(queue, job_id: int) -> list[str]:
+    return [e.kind for e in queue.get(job_id).events]
+
+
+def alive(pid: int) -> bool:
+    """Running and not a zombie."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def clean_env(**extra) -> dict:
+    """The environment of a real command: no inherited shiftchange settings,
+    tests/ importable (job modules)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIFTCHANGE_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    env.update(extra)
+    return env
+
+
+def shiftchange(*args, cwd, env=None, timeout=60, umask=-1) -> subprocess.CompletedProcess:
+    """Run the real CLI in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "supervisor", *args], cwd=cwd, capture_output=True,
+        text=True, timeout=timeout, env=env or clean_env(), umask=umask,
+    )

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from harness import read_lines, wait_for
+from harness import read_lines, runs, wait_for
 from sqlalchemy.engine import make_url
 
 from chaos.relay import Relay
@@ -53,8 +53,6 @@ def queue(server_db_url):
         yield q
 
 
-def runs(records, job_id):
-    return read_lines(records / f"job-{job_id}.runs")
 
 
 def dead(pid) -> bool:

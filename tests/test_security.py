@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from harness import wait_for
+from harness import clean_env, shiftchange, wait_for
 from sqlalchemy import insert, inspect
 from sqlalchemy.engine import make_url
 
@@ -34,19 +34,8 @@ TESTS = Path(__file__).parent
 SECRET = "Secret123"  # part of every password below; must never be printed
 
 
-def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIFTCHANGE_")}
-    env.pop("NOTIFY_SOCKET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
 
 
-def shiftchange(*args, cwd, env=None, timeout=60, umask=-1):
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor", *args], cwd=cwd, capture_output=True,
-        text=True, timeout=timeout, env=env or clean_env(), umask=umask,
-    )
 
 
 def insert_row(engine, target, args=(), kind="callable", **values):

@@ -24,6 +24,7 @@ def shut_down(sup) -> int:
     why = _reason(sup)
     sup.claiming = False  # 1. stop claiming
     _drain(sup, settings.drain)  # 2. jobs that finish now complete normally
+    _fence_children(sup, settings.kill_after)
     held, committed = _bounded(  # 3. the handoff, in one transaction
         lambda: sup.storage.handoff(sup.server_id, settings.kill_after + HOLD_MARGIN_S, why)
     )
@@ -64,6 +65,17 @@ def _drain(sup, seconds: float) -> None:
         child.notice_stop()
     event("draining for up to %.1fs: %d jobs running", seconds, len(sup.running), event="draining")
     sup.wait_for_children(clock() + seconds, hurry_ends_wait=True)
+
+
+def _fence_children(sup, kill_after: float) -> None:
+    """Before the handoff commits, bring every child's deadline down to
+    kill_after from now. The hold lasts kill_after + HOLD_MARGIN_S from the
+    commit, so even if this process is frozen or starved right after the
+    commit, the old runs are dead before the hold ends (found by the model:
+    docs/design.md, "The model", neg_hold_not_fenced)."""
+    deadline = min(sup.fence_deadline(), clock() + kill_after)
+    for child in sup.running.values():
+        child.renew(deadline)
 
 
 def _stop_children(sup, kill_after: float) -> None:

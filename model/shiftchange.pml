@@ -27,6 +27,8 @@
  *                           condition
  *   BUG_RENEW_AFTER         negative model (c): renew the children's deadline
  *                           from the time after the heartbeat
+ *   BUG_DROP_OUTCOME        the supervisor may forget an outcome its job
+ *                           process could not record (breaks no_job_lost)
  *   BUG_HOLD_NOT_FENCED     the shutdown as it was before this model: the
  *                           children keep their heartbeat deadline past the
  *                           handoff's hold (a frozen supervisor then lets a
@@ -637,6 +639,9 @@ end_serve:
                     :: run_job[s] != NONE && !run_child[s] && pend_kind[s] == RES_NONE ->
                         if
                         :: run_lost[s] || run_result[s] == RES_RECORDED || run_result[s] == RES_DROPPED -> skip
+#ifdef BUG_DROP_OUTCOME
+                        :: true -> skip   /* forget an outcome the job process could not record */
+#endif
                         :: else ->
                             pend_job[s] = run_job[s];
                             pend_lease[s] = run_lease[s];

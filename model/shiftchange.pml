@@ -897,6 +897,10 @@ end:
             fi
         }
         for (j : 0 .. NJ - 1) {
+            /* Property 4: no hold is longer than its bound (kill_after +
+               HOLD_MARGIN_S for a shutdown, dead_after for a requeue or a
+               remote handoff), and it counts down on the database clock. */
+            assert(jhold[j] <= DA && SHUTDOWN_HOLD <= DA);
             if
             :: jhold[j] > 0 -> jhold[j]--
             :: else -> skip

@@ -32,6 +32,7 @@ def shut_down(sup: Supervisor) -> int:
     why = sup.stop_reason()
     sup.stop_claiming()  # 1.
     _drain(sup, settings.drain)  # 2. jobs that finish now complete normally
+    _fence_children(sup, settings.kill_after)
     committed, held = _bounded(  # 3. the handoff, in one transaction
         lambda: sup.storage.handoff(sup.server_id, settings.kill_after + HOLD_MARGIN_S, why)
     )
@@ -63,6 +64,17 @@ def _drain(sup: Supervisor, seconds: float) -> None:
     event("draining for up to %.1fs: %d jobs running; still heartbeating, not claiming",
           seconds, len(sup.running), event="draining")
     sup.drain(seconds)
+
+
+def _fence_children(sup: Supervisor, kill_after: float) -> None:
+    """Before the handoff commits, bring every child's deadline down to
+    kill_after from now. The hold lasts kill_after + HOLD_MARGIN_S from the
+    commit, so even if this process is frozen or starved right after the
+    commit, the old runs are dead before the hold ends (found by the model:
+    docs/design.md, "The model", neg_hold_not_fenced)."""
+    deadline = min(sup.fence_deadline(), sup.clock() + kill_after)
+    for child in sup.running.values():
+        child.renew(deadline)
 
 
 def _stop_children(sup: Supervisor, kill_after: float) -> None:

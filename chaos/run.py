@@ -110,7 +110,7 @@ class Chaos:
             url = make_url(self.url)
             self.relay = Relay(url.host, url.port)
             relayed = url.set(port=self.relay.port).render_as_string(hide_password=False)
-            self.sups[0].config = write_config(self.run_dir / "chaos-relayed.yaml", relayed)
+            self.sups[0].config_path = write_config(self.run_dir / "chaos-relayed.yaml", relayed)
         for sup in self.sups:
             sup.start()
         planned = plan_jobs(self.rng, self.job_count, self.records)

@@ -10,12 +10,11 @@ import time
 from pathlib import Path
 
 import psutil
-import yaml
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from supervisor import Queue
 from supervisor.database import make_engine
+from supervisor.launcher import SupervisorProcess, merge, wait_for, write_config  # noqa: F401 (re-exported)
 
 TESTS = Path(__file__).parent
 FAST = {
@@ -25,78 +24,24 @@ FAST = {
 }
 
 
-def wait_for(predicate, timeout=20.0, what="condition", interval=0.02):
-    """Poll `predicate` until it returns something truthy, or fail."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-def merge(base: dict, extra: dict) -> dict:
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for section, values in extra.items():
-        out.setdefault(section, {}).update(values)
-    return out
-
-
-class Supervisor:
-    """One `python -m supervisor run` process in its own session."""
+class Supervisor(SupervisorProcess):
+    """A supervisor of an end-to-end test: FAST settings, tests/ importable
+    by its jobs, and a memory of every process of its tree so that a test
+    can check none survives."""
 
     def __init__(self, url: str, workdir: Path, name: str, prefix=(), env=None, python=None, **settings):
-        self.name = name
-        self.python = python or sys.executable  # another release's venv runs its own code
-        self.prefix = list(prefix)  # e.g. ["unshare", "--pid", "--fork"]
-        self.extra_env = env or {}
-        self.workdir = workdir
-        self.config_path = workdir / f"{name}.yaml"
-        config = merge(FAST, settings)
-        config.setdefault("database", {})["url"] = url
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = workdir / f"{name}.log"
-        self.proc = None
+        config_path = write_config(workdir / f"{name}.yaml", url, merge(FAST, settings))
+        command = [*prefix, python or sys.executable, "-m", "supervisor"]  # python: another release's venv
+        super().__init__(name, config_path, workdir, env=_test_env(env), command=command)
         self.seen: dict[int, float] = {}  # every pid of its tree we saw, with start time
-
-    def start(self) -> "Supervisor":
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-        env.pop("NOTIFY_SOCKET", None)
-        env.update(self.extra_env)
-        self.proc = subprocess.Popen(
-            [*self.prefix, self.python, "-m", "supervisor", "run", "--config", str(self.config_path),
-             "--name", self.name],
-            stdout=open(self.log_path.with_suffix(".out"), "w"),
-            stderr=open(self.log_path, "w"),
-            env=env,
-            cwd=self.workdir,
-            start_new_session=True,
-        )
-        return self
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def wait_registered(self, queue: Queue, timeout=20.0):
-        return wait_for(
-            lambda: next((s for s in queue.servers() if s.pid == self.pid and s.state == "running"), None),
-            timeout, f"{self.name} to register\n{self.log()}",
-        )
 
     def remember_tree(self) -> list[int]:
         """Note every process of its tree now, to check later that none survives."""
-        try:
-            root = psutil.Process(self.pid)
-            for proc in [root, *root.children(recursive=True)]:
+        for proc in self.tree():
+            try:
                 self.seen[proc.pid] = proc.create_time()
-        except psutil.NoSuchProcess:
-            pass
+            except psutil.NoSuchProcess:
+                pass
         return list(self.seen)
 
     def survivors(self) -> list[int]:
@@ -115,10 +60,10 @@ class Supervisor:
         os.kill(self.pid, sig)
 
     def wait(self, timeout=20.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.name} did not exit within {timeout}s\n{self.log()}") from None
+        code = super().wait(timeout)
+        if code is None:
+            raise AssertionError(f"{self.name} did not exit within {timeout}s\n{self.log()}")
+        return code
 
     def destroy(self) -> None:
         """Test teardown: nothing of it may be left running."""
@@ -128,9 +73,14 @@ class Supervisor:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
+        super().destroy()
+
+
+def _test_env(extra: dict | None) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    env.pop("NOTIFY_SOCKET", None)
+    env.update(extra or {})
+    return env
 
 
 def read_lines(path: Path) -> list[str]:

@@ -189,7 +189,7 @@ def test_a_password_in_a_live_database_url_is_never_printed(postgres_url, superv
         assert sup.wait(timeout=20) == 0
         assert queue.get(running).state == "enqueued"
         assert SECRET not in (queue.get(failing).error or "")
-    outputs.append((["run"], sup.log() + sup.log_path.with_suffix(".out").read_text()))
+    outputs.append((["run"], sup.log()))  # its stdout and stderr
     assert any('"event": "handed_off"' in out for _, out in outputs[-1:])  # it did log in JSON
     for args, out in outputs:
         assert SECRET not in out, f"shiftchange {' '.join(args)} printed the password:\n{out}"

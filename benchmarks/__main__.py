@@ -20,6 +20,7 @@ FULL = {
     "throughput": lambda db, wd: [*scenarios.throughput(db, wd), *scenarios.throughput(db, wd, job="sleep10ms", n_jobs=1000)],
     "scale": lambda db, wd: [*scenarios.claim_at_scale(db, wd), *scenarios.enqueue_rate(db, wd), *scenarios.idle_statements(db, wd)],
     "footprint": lambda db, wd: scenarios.footprint(db, wd),
+    "partition": lambda db, wd: scenarios.partition(db, wd),
     "rolling": lambda db, wd: scenarios.rolling_deploy(db, wd),
 }
 QUICK = {
@@ -42,13 +43,13 @@ def main(argv=None) -> int:
     parser.add_argument("command", choices=["run"])
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     parser.add_argument("--db", default="sqlite,postgresql", help="comma-separated: sqlite,postgresql,mariadb")
-    parser.add_argument("--only", default=",".join(FULL), help="comma-separated: " + ",".join(FULL))
+    parser.add_argument("--only", help="comma-separated: " + ",".join(FULL) + " (--quick: all but partition)")
     parser.add_argument("--peers", action="store_true", help="also run Celery, RQ and procrastinate")
     options = parser.parse_args(argv)
     table = QUICK if options.quick else FULL
     workdir = temp_workdir()
     try:
-        for name in options.only.split(","):
+        for name in (options.only or ",".join(table)).split(","):
             for db in options.db.split(","):
                 for result in table[name](db, workdir):
                     print(json.dumps(result), flush=True)

@@ -1,21 +1,17 @@
 """Databases and supervisor processes for the benchmarks."""
 
 import os
-import re
 import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
-import yaml
 from sqlalchemy import create_engine, text
 
 from supervisor import Queue
 from supervisor.database import _driver_url
+from supervisor.launcher import SupervisorProcess, merge, wait_for, write_config
+from supervisor.logs import first_event
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_URLS = {
@@ -29,7 +25,7 @@ BASE_SETTINGS = {
     "server": {"heartbeat_interval": "1s", "dead_after": "10s", "poll_interval": "200ms"},
     "shutdown": {"kill_after": "0s"},
     "jobs": {"allow": ["benchmarks.bjobs:*"], "max_interruptions": 1000},
-    "log": {"level": "info"},
+    "log": {"level": "info", "format": "json"},  # numbers are read from the events' fields
 }
 
 
@@ -53,74 +49,25 @@ def fresh_database(kind: str, workdir: Path) -> str:
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.001):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not reached in time")
-        time.sleep(interval)
+    return wait_for(predicate, timeout, interval=interval)
 
 
-def merge(base: dict, extra: dict) -> dict:
-    out = {k: dict(v) for k, v in base.items()}
-    for section, values in extra.items():
-        out.setdefault(section, {}).update(values)
-    return out
-
-
-class Supervisor:
-    """A `shiftchange run` process in its own session."""
+class Supervisor(SupervisorProcess):
+    """A `shiftchange run` process for a benchmark, started at once."""
 
     def __init__(self, url: str, workdir: Path, name: str, wrapper: list[str] | None = None, **settings):
-        self.name, self.workdir = name, workdir
-        config = merge(BASE_SETTINGS, settings)
-        config["database"] = {"url": url}
-        self.config_path = workdir / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(config))
-        self.log_path = workdir / f"{name}.log"
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        command = wrapper or [sys.executable, "-m", "supervisor"]
-        self.proc = subprocess.Popen(
-            [*command, "run", "--config", str(self.config_path), "--name", name],
-            stdout=subprocess.DEVNULL, stderr=open(self.log_path, "w"), env=env, cwd=workdir,
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self):
-        return self.proc.pid
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def wait_registered(self, queue: Queue, timeout=30.0):
-        return wait_until(
-            lambda: next((s for s in queue.servers() if s.pid == self.pid and s.state == "running"), None),
-            timeout, interval=0.01,
-        )
+        config_path = write_config(workdir / f"{name}.yaml", url, merge(BASE_SETTINGS, settings))
+        # `wrapper` stands for `python -m supervisor` to measure it (count_statements).
+        super().__init__(name, config_path, workdir, env=dict(os.environ, PYTHONPATH=str(REPO)), command=wrapper)
+        self.start()
 
     def handoff_ms(self) -> float | None:
         """What the supervisor itself measured: signal -> handoff committed."""
-        found = re.search(r"handed off jobs \[.*?\] in ([\d.]+) ms", self.log())
-        return float(found.group(1)) if found else None
+        handed_off = first_event(self.log(), "handed_off")
+        return handed_off["ms"] if handed_off else None
 
     def kill(self, sig=signal.SIGKILL):
         os.kill(self.pid, sig)
-
-    def destroy(self):
-        """Kill it and everything below it, whatever state it is in."""
-        try:
-            root = psutil.Process(self.pid)
-            for proc in [root, *root.children(recursive=True)]:
-                proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
 
 
 def read_marker(path: Path) -> list[tuple[float, int, int]]:

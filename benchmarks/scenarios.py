@@ -8,6 +8,7 @@ started again" is read from the job's own record, not guessed from polling.
 import multiprocessing
 import signal
 import statistics
+import subprocess
 import sys
 import time
 
@@ -19,6 +20,7 @@ from benchmarks.procs import Supervisor, fresh_database, read_marker, summary, w
 from supervisor import Queue
 from supervisor.errors import StorageUnavailable
 from supervisor.jobspec import new_job
+from supervisor.logs import read_events
 from supervisor.processes import clock
 
 SPIN = "benchmarks.bjobs:spin"
@@ -273,7 +275,78 @@ def footprint(kind, workdir, seconds=5.0):
            "job_process_rss_mib": round(job_mem.rss / mib, 1), "job_process_uss_mib": round(job_mem.uss / mib, 1)}
 
 
-# --- 7. rolling deploy ------------------------------------------------------------------
+# --- 7. network partition ----------------------------------------------------------------
+
+
+def partition(kind, workdir, runs=5, settings=None):
+    """A supervisor reaching the database through a relay that black-holes
+    its traffic: when it warns, when its job is fenced, how long a SIGTERM
+    sent 1 s into the partition takes to end it, and how long `shiftchange
+    status` through the same relay takes to give up."""
+    from chaos.relay import Relay
+    from sqlalchemy.engine import make_url
+
+    profiles = settings or {
+        "default (heartbeat 1s, dead_after 10s)": {"heartbeat_interval": "1s", "dead_after": "10s"},
+        "fast (heartbeat 500ms, dead_after 3s)": {"heartbeat_interval": "500ms", "dead_after": "3s"},
+    }
+    if kind == "sqlite":
+        return
+    for label, server in profiles.items():
+        warned, stopped, gave_up, codes = [], [], [], set()
+        for run in range(runs):
+            url = make_url(fresh_database(kind, workdir))
+            marker = workdir / f"partition-{kind}-{len(label)}-{run}"
+            with Queue(url.render_as_string(hide_password=False)) as queue, Relay(url.host, url.port) as relay:
+                through = url.set(port=relay.port).render_as_string(hide_password=False)
+                sup = Supervisor(through, workdir, f"blue{run}", server={**server, "concurrency": 1},
+                                 shutdown={"kill_after": "1s"})
+                try:
+                    sup.wait_registered(queue)
+                    queue.enqueue(SPIN, [str(marker)])
+                    wait_until(lambda: read_marker(marker), 30)
+                    began = clock()
+                    relay.black_hole()
+                    cli = subprocess.Popen([sys.executable, "-m", "supervisor", "status"], env=_env(through),
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    wait_until(lambda: clock() - began > 1.0, 5, 0.001)
+                    sup.kill(signal.SIGTERM)
+                    sent = clock()
+                    codes.add(sup.proc.wait(60))
+                    stopped.append(clock() - sent)
+                    warned.append(_log_seconds(sup.log(), "cannot heartbeat", began))
+                    cli.wait(60)
+                    gave_up.append(clock() - began)
+                finally:
+                    sup.destroy()
+        yield {"measurement": "partition", "db": kind, "settings": label,
+               "sigterm_1s_into_partition_to_exit": summary(stopped, "s"), "exit_codes": sorted(codes),
+               "status_command_gives_up": summary(gave_up, "s"),
+               "first_warning_after": summary([w for w in warned if w is not None] or [0.0], "s")}
+
+
+def _env(url):
+    import os
+
+    from benchmarks.procs import REPO
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIFTCHANGE_")}
+    return dict(env, SHIFTCHANGE_DATABASE_URL=url, PYTHONPATH=str(REPO))
+
+
+def _log_seconds(log, words, began):
+    """Seconds from `began` (CLOCK_BOOTTIME) to the log line with `words`,
+    from the line's wall-clock stamp."""
+    import datetime
+
+    for record in read_events(log):
+        if words in record.get("message", ""):
+            stamp = datetime.datetime.fromisoformat(record["at"].replace("Z", "+00:00")).timestamp()
+            return stamp - (time.time() - (clock() - began))
+    return None
+
+
+# --- 8. rolling deploy ------------------------------------------------------------------
 
 
 def _roll_once(kind, workdir, tag, releases, servers, concurrency, n_jobs, job_steps, step_seconds, apart):

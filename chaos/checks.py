@@ -11,6 +11,7 @@ from sqlalchemy import select
 from chaos.cluster import alive
 from chaos.jobs import FAIL_MARK, read_records
 from supervisor.dbtime import db_now
+from supervisor.outcomes import RECORD_TIMEOUT_S
 from supervisor.tables import events, jobs
 
 LEASE = re.compile(r"lease (\d+)")
@@ -147,6 +148,64 @@ def runs(plan, rows, records: Path) -> tuple[list[str], Counter]:
         if row is not None and row.state == "succeeded" and returned == 0:
             out.append(f"job {job_id}: succeeded, but no run of it returned")
     return out, counts
+
+
+# A SIGKILL of the job's own tree this soon after its code completed may
+# have caught its process making the outcome's write: the one window left.
+MID_COMMIT_S = 2.0
+
+
+def completions(plan, history, records: Path, faults: list[dict]) -> tuple[list[str], dict]:
+    """From the jobs' own records: no attempt of a job completed its code
+    twice (a rerun after a reap or handoff gives the attempt back, so a
+    second completion of one attempt is a run repeated after its code had
+    finished). Three causes are allowed, and counted apart (docs/design.md):
+    the job's tree was SIGKILLed right after its code completed (the write
+    of its outcome may have died with it); the run finished after its lease
+    was taken (its server was stopping, or its write was refused as stale);
+    the database was down when it finished (the write could not be made,
+    and the supervisor's own path applied). Anything else is a violation."""
+    out = []
+    counts = {"completions": 0, "completions_twice": 0,
+              "completions_twice_tree_killed": 0, "completions_twice_lease_taken": 0,
+              "completions_twice_db_unreachable": 0}
+    for job_id in plan:
+        recs = read_records(records / f"job-{job_id}")
+        sup_of = {r["pid"]: r.get("sup") for r in recs if r["ev"] == "start"}
+        by_attempt = defaultdict(list)
+        for r in recs:
+            if r["ev"] == "end" and r.get("completed"):
+                by_attempt[r.get("attempt")].append(r)
+        counts["completions"] += sum(len(done) for done in by_attempt.values())
+        twice = [done for done in by_attempt.values() if len(done) > 1]
+        if not twice:
+            continue
+        counts["completions_twice"] += 1
+        first = twice[0][0]
+        why = _why_completed_twice(first, sup_of.get(first["pid"]), history.get(job_id, []), faults)
+        if why:
+            counts[f"completions_twice_{why}"] += 1
+        else:
+            out.append(f"job {job_id}: attempt {first.get('attempt')} completed {len(twice[0])} times "
+                       f"(first by pid {first['pid']} at {first['t']:.3f})")
+    return out, counts
+
+
+def _why_completed_twice(first: dict, sup: int | None, history, faults) -> str | None:
+    for fault in faults:
+        if "until" in fault and fault["t"] - RECORD_TIMEOUT_S <= first["t"] <= fault["until"]:
+            return "db_unreachable"
+        if fault["sup"] != sup:
+            continue
+        # A kill of a whole tree takes a moment (a walk of /proc under load):
+        # one begun just before the completion may land during the write.
+        if fault["fault"] == "kill_group" and abs(fault["t"] - first["t"]) <= MID_COMMIT_S:
+            return "tree_killed"
+        if fault["fault"] in ("deploy", "handoff") and fault["t"] <= first["t"]:
+            return "lease_taken"  # finished after its server's handoff commit
+    if any(e.kind == "stale_write" for e in history):
+        return "lease_taken"
+    return None
 
 
 def recorded_processes(plan, records: Path) -> dict[tuple[int, float], str]:

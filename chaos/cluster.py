@@ -5,14 +5,15 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import psutil
-import yaml
 from sqlalchemy import create_engine, text
+
+from supervisor import launcher
+from supervisor.launcher import SupervisorProcess
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN_URL = os.environ.get("SHIFTCHANGE_CHAOS_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -46,6 +47,18 @@ def fresh_postgres(database: str) -> str:
     finally:
         engine.dispose()
     return postgres_url(database)
+
+
+def drop_postgres(database: str) -> None:
+    """Drop a run's own database; best effort (PostgreSQL may be down)."""
+    try:
+        engine = create_engine(PG_ADMIN_URL.replace("postgresql://", "postgresql+psycopg://", 1),
+                               isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        engine.dispose()
+    except Exception:
+        pass
 
 
 def database_url(kind: str, run_dir: Path, pg_database: str) -> str:
@@ -157,13 +170,9 @@ def alive(pid: int, created: float) -> bool:
 
 
 def write_config(path: Path, url: str, overrides: dict | None = None) -> Path:
-    config = {section: dict(values) for section, values in SETTINGS.items()}
-    for section, values in (overrides or {}).items():
-        config.setdefault(section, {}).update(values)
     # A supervisor restarted during a database outage keeps retrying.
-    config["database"] = {"url": url, "retry_for": "5m"}
-    path.write_text(yaml.safe_dump(config))
-    return path
+    settings = launcher.merge(SETTINGS, {"database": {"retry_for": "5m"}, **(overrides or {})})
+    return launcher.write_config(path, url, settings)
 
 
 def child_env() -> dict:
@@ -175,45 +184,27 @@ def child_env() -> dict:
     return env
 
 
-class Supervisor:
+class Supervisor(SupervisorProcess):
     """One `python -m supervisor run --name NAME` at a time; restarting it
-    starts a new process (a new server) under the same name."""
+    starts a new process (a new server) under the same name, and the tree
+    watcher follows each one."""
 
     def __init__(self, name: str, config: Path, run_dir: Path, watcher: TreeWatcher):
-        self.name = name
-        self.config = config
-        self.run_dir = run_dir
+        super().__init__(name, config, run_dir, env=child_env())
         self.watcher = watcher
-        self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def start(self) -> "Supervisor":
-        log = open(self.run_dir / f"{self.name}.log", "a")
-        log.write(f"--- start #{self.starts + 1} at clock {time.monotonic():.3f}\n")
-        log.flush()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "supervisor", "run", "--config", str(self.config), "--name", self.name],
-            stdout=log, stderr=subprocess.STDOUT, env=child_env(), cwd=self.run_dir,
-            start_new_session=True,
-        )
-        log.close()
+        with open(self.log_path, "a") as log:
+            log.write(f"--- start #{self.starts + 1} at clock {time.monotonic():.3f}\n")
+        super().start()
         self.starts += 1
-        self.watcher.watch(self.name, self.proc.pid)
+        self.watcher.watch(self.name, self.pid)
         return self
 
     def signal(self, sig: int) -> None:
         self.watcher.sample()  # note the tree as it is just before
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
+        self.send(sig)
 
     def kill_tree(self) -> None:
         """SIGKILL the supervisor's process group and every process below
@@ -221,23 +212,31 @@ class Supervisor:
         would (its children lead their own groups, so killpg alone would
         reach only the supervisor)."""
         self.watcher.sample()
-        try:
-            root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            procs = []
+        # A cgroup kill is atomic; a walk is not: a process forked while we
+        # walk (a job starting its grandchild) would be missed and outlive
+        # the "kill". So stop every process first, walking again until no
+        # new one appears, then kill them all.
+        stopped: dict[int, psutil.Process] = {}
+        while True:
+            try:
+                root = psutil.Process(self.pid)
+                new = [p for p in [root, *root.children(recursive=True)] if p.pid not in stopped]
+            except psutil.NoSuchProcess:
+                new = []
+            if not new:
+                break
+            for proc in new:
+                try:
+                    proc.send_signal(signal.SIGSTOP)
+                except psutil.NoSuchProcess:
+                    pass
+                stopped[proc.pid] = proc
         try:
             os.killpg(self.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        for proc in procs:
+        for proc in stopped.values():
             try:
                 proc.kill()
             except psutil.NoSuchProcess:
                 pass
-
-    def wait(self, timeout: float) -> int | None:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None

@@ -4,11 +4,16 @@ run imports this module once per job.
 
 Every chaos job records its run in `<records>/job-<id>` as JSON lines:
 
-    {"ev": "start", "pid": P, "ct": create_time, "t": clock, "attempt": A}
+    {"ev": "start", "pid": P, "ct": create_time, "t": clock, "attempt": A, "sup": S}
     {"ev": "proc", "pid": G, "ct": create_time}          (a grandchild)
-    {"ev": "end", "pid": P, "t": clock, "how": "returned" | "raised"}
+    {"ev": "end", "pid": P, "t": clock, "how": "returned" | "raised",
+     "attempt": A, "completed": C}
 
-A run killed by a signal writes no "end". So that two runs alive at once are
+S is the pid of the supervisor that runs it. C is true when the job's code
+ran to its end: it returned, or raised the failure it was designed to raise
+(not LeaseLost halfway through). Each such record is one completion of the
+job's code, as its own side saw it: the run judges "ran twice" by them, not
+by the queue's events. A run killed by a signal writes no "end". So that two runs alive at once are
 caught even then, each run checks at its start, under a lock on that file,
 that no process recorded by an earlier run of the same job is still alive
 (same pid AND same start time, so a recycled pid is not mistaken for it);
@@ -24,6 +29,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 FAIL_MARK = "designed to fail"
+
+
+class DesignedFailure(RuntimeError):
+    """The failure a chaos job raises on purpose, at the end of its work."""
 
 
 def clock() -> float:
@@ -85,13 +94,25 @@ def recorded_run(records: str):
             _append(Path(records) / "overlaps",
                     {"job": job.id, "pid": me, "t": clock(), "alive": alive})
         f.write(json.dumps({"ev": "start", "pid": me, "ct": _identity(me), "t": clock(),
-                            "attempt": job.attempt, "interruptions": job.interruptions}) + "\n")
+                            "attempt": job.attempt, "interruptions": job.interruptions,
+                            "sup": _supervisor_pid()}) + "\n")
+    end = {"ev": "end", "pid": me, "attempt": job.attempt}
     try:
         yield job
-    except BaseException:
-        _append(path, {"ev": "end", "pid": me, "t": clock(), "how": "raised"})
+    except BaseException as exc:
+        _append(path, {**end, "t": clock(), "how": "raised", "completed": isinstance(exc, DesignedFailure)})
         raise
-    _append(path, {"ev": "end", "pid": me, "t": clock(), "how": "returned"})
+    _append(path, {**end, "t": clock(), "how": "returned", "completed": True})
+
+
+def _supervisor_pid() -> int | None:
+    """The job's process runs under its child, which runs under the supervisor."""
+    import psutil
+
+    try:
+        return psutil.Process(os.getppid()).ppid()
+    except psutil.NoSuchProcess:
+        return None
 
 
 def _burn(seconds: float) -> None:
@@ -155,14 +176,14 @@ def fail_first(records, seconds):
     with recorded_run(records) as job:
         time.sleep(seconds)
         if job.attempt == 1:
-            raise RuntimeError(f"first attempt fails on purpose (job {job.id})")
+            raise DesignedFailure(f"first attempt fails on purpose (job {job.id})")
 
 
 def always_fail(records, seconds):
     """Fails every attempt: must end `failed` after max_attempts."""
     with recorded_run(records) as job:
         time.sleep(seconds)
-        raise RuntimeError(f"{FAIL_MARK} (job {job.id}, attempt {job.attempt})")
+        raise DesignedFailure(f"{FAIL_MARK} (job {job.id}, attempt {job.attempt})")
 
 
 # --- the load run ----------------------------------------------------------------

@@ -2,6 +2,7 @@
 may be lost or run twice. Prints throughput."""
 
 import json
+import os
 import multiprocessing
 import shutil
 import signal
@@ -89,7 +90,7 @@ def load(db: str, job_count: int, producers: int, supervisors: int, concurrency:
     watcher = TreeWatcher(interval=0.5).start()
     sups: list[Supervisor] = []
     try:
-        url = database_url(db, run_dir, "shiftchange_load")
+        url = database_url(db, run_dir, f"shiftchange_load_{os.getpid()}")  # never shared with another run
         engine = make_engine(url)
         ensure_schema(engine)
         storage = Storage(engine)

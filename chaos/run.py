@@ -17,19 +17,24 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from sqlalchemy.engine import make_url
+
 from chaos import checks
+from chaos.jobs import clock
 from chaos.cluster import (
     DEAD_AFTER,
     Supervisor,
     TreeWatcher,
     child_env,
     database_url,
+    drop_postgres,
     ensure_pg_running,
     pg_cluster,
     pg_ctl,
     pg_ready,
     write_config,
 )
+from chaos.relay import Relay
 from supervisor.database import SQLITE_BUSY_TIMEOUT_S, ensure_schema, make_engine
 from supervisor.jobspec import new_job
 from supervisor.storage import Storage
@@ -75,10 +80,12 @@ class Chaos:
         self.records.mkdir()
         self.violations: list[str] = []
         self.actions = Counter()
+        self.faults: list[dict] = []  # supervisor faults by the jobs' clock, for checks.completions
         self.db_faults: list[dict] = []
         self.log = open(run_dir / "chaos.log", "a")
         self.watcher = TreeWatcher().start()
         self.sups: list[Supervisor] = []
+        self.relay: Relay | None = None  # the first supervisor's path to PostgreSQL
 
     def note(self, message: str) -> None:
         self.log.write(f"{time.monotonic():.3f} {message}\n")
@@ -87,13 +94,23 @@ class Chaos:
     # --- set-up -------------------------------------------------------------------
 
     def set_up(self) -> None:
-        self.url = database_url(self.db, self.run_dir, "shiftchange_chaos")
+        # A database of its own: two runs on one machine (two engineers, or
+        # a run beside the test suite) must never share, or even drop, one.
+        self.pg_database = f"shiftchange_chaos_{os.getpid()}"
+        self.url = database_url(self.db, self.run_dir, self.pg_database)
         engine = make_engine(self.url)
         ensure_schema(engine)
         self.engine = engine
         self.storage = Storage(engine)
         self.config = write_config(self.run_dir / "chaos.yaml", self.url)
         self.sups = [Supervisor(name, self.config, self.run_dir, self.watcher) for name in NAMES]
+        if self.db == "postgresql":
+            # The first supervisor reaches the database through a relay that
+            # can black-hole its traffic (a network partition).
+            url = make_url(self.url)
+            self.relay = Relay(url.host, url.port)
+            relayed = url.set(port=self.relay.port).render_as_string(hide_password=False)
+            self.sups[0].config_path = write_config(self.run_dir / "chaos-relayed.yaml", relayed)
         for sup in self.sups:
             sup.start()
         planned = plan_jobs(self.rng, self.job_count, self.records)
@@ -104,6 +121,7 @@ class Chaos:
 
     def supervisor_fault(self, sup: Supervisor, fault: str) -> None:
         self.note(f"{fault} {sup.name} pid {sup.pid}")
+        self.faults.append({"fault": fault, "sup": sup.pid, "t": clock()})
         getattr(self, f"_{fault}")(sup)
         self.actions[fault] += 1
 
@@ -170,14 +188,20 @@ class Chaos:
     # --- database faults ---------------------------------------------------------------
 
     def database_faults(self, stop: threading.Event) -> None:
-        """Once a restart, once an outage longer than dead_after, at a
-        third and two thirds of the run."""
+        """Once a restart, once a network partition of one supervisor
+        (PostgreSQL) and once an outage, each longer than dead_after, at a
+        third, a half and two thirds of the run."""
         began = time.monotonic()
-        for at, fault in ((self.seconds / 3, self.db_restart), (2 * self.seconds / 3, self.db_outage)):
+        faults = [(self.seconds / 3, self.db_restart), (2 * self.seconds / 3, self.db_outage)]
+        if self.relay is not None:
+            faults.insert(1, (self.seconds / 2, self.db_black_hole))
+        for at, fault in faults:
             if stop.wait(max(0.0, began + at - time.monotonic())):
                 return
-            started = time.monotonic()
+            started, started_clock = time.monotonic(), clock()
             outcome = fault()
+            self.faults.append({"fault": f"db_{outcome['fault']}", "sup": None, "t": started_clock,
+                                "until": clock()})
             outcome["seconds"] = round(time.monotonic() - started, 2)
             outcome["at"] = round(started - began, 1)
             self.db_faults.append(outcome)
@@ -206,6 +230,16 @@ class Chaos:
             return {"fault": "outage", "was_down": down, "ready": ensure_pg_running()}
         # Held past the busy timeout, so calls fail with "database is locked".
         return self._sqlite_lock("outage", SQLITE_BUSY_TIMEOUT_S + hold)
+
+    def db_black_hole(self) -> dict:
+        """The relayed supervisor's traffic goes nowhere for longer than
+        dead_after: nothing is refused or closed, nothing answers. It must
+        fence its jobs, obey signals meanwhile, and register anew after."""
+        hold = DEAD_AFTER + self.rng.uniform(1.0, 3.0)
+        self.relay.black_hole()
+        time.sleep(hold)
+        self.relay.heal()
+        return {"fault": "black_hole", "supervisor": self.sups[0].name, "held": round(hold, 2)}
 
     def _sqlite_lock(self, name: str, hold: float) -> dict:
         conn = sqlite3.connect(self.url.removeprefix("sqlite:///"), timeout=30, isolation_level=None)
@@ -272,6 +306,7 @@ class Chaos:
         }
         run_violations, run_counts = checks.runs(self.plan, rows, self.records)
         found["runs"] = run_violations
+        found["completions"], completion_counts = checks.completions(self.plan, history, self.records, self.faults)
         processes = dict(self.watcher.seen)
         processes.update(checks.recorded_processes(self.plan, self.records))
         deadline = time.monotonic() + 5  # a killed process may take a moment to go
@@ -287,6 +322,7 @@ class Chaos:
             "kinds": dict(Counter(self.plan.values())),
             "events": checks.event_counts(history),
             **run_counts,
+            **completion_counts,
             "processes_seen": len(processes),
             "processes_left": len(found["processes"]),
             "violations_by_check": {name: len(v) for name, v in found.items()},
@@ -300,6 +336,8 @@ class Chaos:
                 sup.kill_tree()
                 sup.wait(5)
         self.watcher.stop()
+        if self.relay is not None:
+            self.relay.close()
         for (pid, created), _ in list(self.watcher.seen.items()):
             if checks.alive(pid, created):
                 try:
@@ -308,6 +346,9 @@ class Chaos:
                     pass
         if self.db == "postgresql" and not ensure_pg_running():
             self.violations.append("PostgreSQL did not come back up")
+        if self.db == "postgresql" and getattr(self, "engine", None) is not None:
+            self.engine.dispose()
+            drop_postgres(self.pg_database)
 
 
 def run(db: str, seconds: float, job_count: int, seed: int | None, keep: bool) -> int:

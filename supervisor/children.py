@@ -1,5 +1,6 @@
 """The supervisor's side of its children: fork one per job, talk to it,
-read how it ended, and decide what that means for the job."""
+read how it ended, and decide what that means for the job (unless the
+run's own side recorded it already: see outcomes.py)."""
 
 import json
 import os
@@ -7,8 +8,8 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from supervisor.jobprocess import HANDOFF_EXIT_CODE, Assignment, run_child
-from supervisor.processes import clock, describe_status
+from supervisor.jobprocess import Assignment, command_outcome, run_child
+from supervisor.processes import describe_status
 from supervisor.records import Job
 
 
@@ -20,7 +21,7 @@ class RunningJob:
     pid: int  # the child's pid, also its process group id
     lifeline: int  # write end: stop notices and deadline renewals
     results: int  # read end: JSON lines from the child and the job
-    started: float = field(default_factory=clock)
+    started: float  # by the supervisor's clock
     messages: list[dict] = field(default_factory=list)
     kill_reason: str | None = None  # set when the supervisor kills it on purpose
     lease_lost: bool = False  # an operator took the job away: record nothing
@@ -55,7 +56,7 @@ class RunningJob:
                 try:
                     self.messages.append(json.loads(line))
                 except ValueError:
-                    pass  # a job cannot forge messages that matter: see outcome()
+                    pass  # not from the child: the job's process holds no end of this pipe
 
     def close(self) -> None:
         for fd in (self.lifeline, self.results):
@@ -67,6 +68,18 @@ class RunningJob:
     def _message(self, event: str) -> dict | None:
         found = [m for m in self.messages if isinstance(m, dict) and m.get("event") == event]
         return found[0] if found else None
+
+    def recorded(self) -> tuple[str, str | None, str] | None:
+        """(what happened, error text, the job's new state) when the child
+        already recorded the outcome in storage (see outcomes.py); None when
+        the supervisor must record it. A recorded
+        outcome stands whatever else the supervisor knows: the write was
+        fenced by the run's lease, so when it applied the run still owned
+        the job, and the job is no longer `processing`."""
+        for message in self.messages:
+            if isinstance(message, dict) and message.get("recorded"):
+                return message.get("outcome"), message.get("error"), message["recorded"]
+        return None
 
     def outcome(self, stopping: bool = False) -> tuple[str, str | None]:
         """(what happened, error text): succeeded, failed, handoff or
@@ -99,23 +112,14 @@ class RunningJob:
             kind = {"lease_lost": "dropped"}.get(result.get("outcome"), result.get("outcome"))
             return kind, result.get("error")
         if ended and self.job.kind == "command":
-            return _command_outcome(ended)
+            return command_outcome(ended["how"], ended.get("code"), bool(ended.get("stop_noticed")))
         if ended:
             return "failed", f"the job's process ended without a result ({ended['how']})"
         how = describe_status(self.status) if self.status is not None else "vanished"
         return "failed", f"the job's child process {how} before the job ended"
 
 
-def _command_outcome(ended: dict) -> tuple[str, str | None]:
-    code = ended.get("code")
-    if code == 0:
-        return "succeeded", None
-    if code == HANDOFF_EXIT_CODE or (ended.get("stop_noticed") and code == -signal.SIGTERM):
-        return "handoff", f"the command asked to be handed off ({ended['how']})"
-    return "failed", f"the command ended with {ended['how']}"
-
-
-def spawn(assignment: Assignment, deadline: float) -> RunningJob:
+def spawn(assignment: Assignment, deadline: float, started: float) -> RunningJob:
     """Fork a child for one job. The child runs jobprocess.run_child."""
     lifeline_r, lifeline_w = os.pipe()
     results_r, results_w = os.pipe()
@@ -134,4 +138,4 @@ def spawn(assignment: Assignment, deadline: float) -> RunningJob:
     os.close(results_w)
     os.set_blocking(lifeline_w, False)
     os.set_blocking(results_r, False)
-    return RunningJob(job=assignment.job, pid=pid, lifeline=lifeline_w, results=results_r)
+    return RunningJob(job=assignment.job, pid=pid, lifeline=lifeline_w, results=results_r, started=started)

@@ -180,10 +180,10 @@ def status(
     q = open_queue(config)
     servers = q.servers()
     # Every state is always listed, with 0 when no job is in it.
-    counts, queues = q.counts(), q.queue_counts()
+    counts, queues, paused = q.counts(), q.queue_counts(), q.paused_queues()
     if json_:
         print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues,
-                    "database": q.database})
+                    "database": q.database, "paused": sorted(paused)})
         return
     live = [s for s in servers if s.state in LIVE_STATES]
     gone = [s for s in servers if s.state not in LIVE_STATES]
@@ -195,7 +195,7 @@ def status(
         console.print(f"not shown: {by_state} (--all lists them)", highlight=False)
     totals = Table("queue", *counts.keys(), title="jobs")
     for name, by_state in sorted(queues.items()):
-        totals.add_row(name, *(str(by_state.get(state, 0)) for state in counts))
+        totals.add_row(name + (" (paused)" if name in paused else ""), *(str(by_state.get(state, 0)) for state in counts))
     totals.add_row("all", *(str(n) for n in counts.values()))
     console.print(totals)
 
@@ -411,6 +411,31 @@ def quiet(
 
 @app.command()
 @reports_errors
+def pause(
+    queue: Annotated[str, typer.Argument(metavar="QUEUE", help="The queue to pause.")],
+    config: ConfigOption = None,
+):
+    """Pause a queue: no server claims its jobs until `shiftchange resume QUEUE`.
+
+    Its jobs stay enqueued and can still be enqueued; jobs already running
+    go on. Every server honours it from the moment this returns."""
+    changed = open_queue(config).pause(queue)
+    typer.echo(f"paused queue {queue}" if changed else f"queue {queue} was paused already")
+
+
+@app.command()
+@reports_errors
+def resume(
+    queue: Annotated[str, typer.Argument(metavar="QUEUE", help="The paused queue to resume.")],
+    config: ConfigOption = None,
+):
+    """Resume a paused queue: servers claim its jobs again."""
+    changed = open_queue(config).resume(queue)
+    typer.echo(f"resumed queue {queue}" if changed else f"queue {queue} was not paused")
+
+
+@app.command()
+@reports_errors
 def reap(config: ConfigOption = None, json_: JsonOption = False):
     """One pass of dead-server detection: requeue the jobs of servers whose heartbeat stopped."""
     taken = open_queue(config).reap()
@@ -425,13 +450,14 @@ def reap(config: ConfigOption = None, json_: JsonOption = False):
 @reports_errors
 def db_upgrade(config: ConfigOption = None):
     """Create or upgrade the schema to this release's version."""
-    from supervisor.database import make_engine, mask_url, upgrade
+    from supervisor.database import head_revision, make_engine, mask_url, upgrade
 
     settings = load_config(config)
     engine = make_engine(settings.database.url)
     _reachable(engine)
     before, after = upgrade(engine)
-    typer.echo(f"{mask_url(settings.database.url)}: schema {before or 'none'} -> {after}")
+    newer = "" if after == head_revision() else f" (newer than this release's {head_revision()}, and compatible with it)"
+    typer.echo(f"{mask_url(settings.database.url)}: schema {before or 'none'} -> {after}{newer}")
 
 
 def _reachable(engine) -> bool:
@@ -453,12 +479,43 @@ def config_check(config: ConfigOption = None, json_: JsonOption = False):
     import yaml
 
     settings = load_config(config)
-    data = settings.to_dict(mask=True)
+    data = settings.to_dict()
     if json_:
         print_json({"source": settings.source, "config": data})
         return
     typer.echo(f"# effective config from {settings.source or 'built-in defaults'}")
     typer.echo(yaml.safe_dump(data, sort_keys=False).rstrip())
+
+
+@app.command()
+@reports_errors
+def dashboard(
+    config: ConfigOption = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; another than 127.0.0.1 exposes it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8642,
+    read_only: Annotated[bool, typer.Option("--read-only", help="No actions, even with dashboard.token set.")] = False,
+):
+    """Serve the web dashboard and Prometheus /metrics (see docs/dashboard.md).
+
+    Actions need dashboard.token (or $SHIFTCHANGE_DASHBOARD_TOKEN); without
+    one the dashboard is read-only."""
+    try:
+        import uvicorn
+
+        from supervisor.web import DashboardSettings, create_app
+        from supervisor.web.security import loopback_hosts
+    except ImportError as exc:
+        raise ConfigError(f"the dashboard needs its extra: pip install 'shiftchange[dashboard]' ({exc})") from None
+
+    q = open_queue(config)
+    web = DashboardSettings(
+        token=q.config.dashboard.token, show_args=q.config.dashboard.show_args, read_only=read_only,
+        allowed_hosts=loopback_hosts(host),
+    )
+    app_ = create_app(q, web)
+    mode = f"read-only ({web.read_only_reason})" if web.read_only_reason else "actions need the token"
+    typer.echo(f"shiftchange dashboard on http://{host}:{port}/ for {q.database}; {mode}", err=True)
+    uvicorn.run(app_, host=host, port=port, log_level="warning", access_log=False, server_header=False)
 
 
 @app.command()

@@ -26,6 +26,7 @@ DEFAULT_FILE = "shiftchange.yaml"
 ENV_FILE = "SHIFTCHANGE_CONFIG"
 ENV_URL = "SHIFTCHANGE_DATABASE_URL"
 ENV_RELEASE = "SHIFTCHANGE_RELEASE"  # server.release when the file leaves it unset
+ENV_DASHBOARD_TOKEN = "SHIFTCHANGE_DASHBOARD_TOKEN"
 PLAIN_MAPPING = "tag:yaml.org,2002:map"
 
 
@@ -134,6 +135,23 @@ def parse_queues(value) -> tuple[str, ...]:
     return queues
 
 
+def parse_bool(value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {value!r}")
+    return value
+
+
+MIN_TOKEN_CHARS = 16
+
+
+def parse_token(value) -> str:
+    """A secret for the dashboard's actions: long enough not to be guessed."""
+    if not isinstance(value, str) or len(value.strip()) < MIN_TOKEN_CHARS:
+        raise ValueError(f"expected a secret of at least {MIN_TOKEN_CHARS} characters "
+                         "(e.g. from `openssl rand -hex 32`)")
+    return value.strip()
+
+
 def parse_choice(*choices):
     def parse(value) -> str:
         if value not in choices:
@@ -188,12 +206,19 @@ class LogConfig:
 
 
 @dataclass(frozen=True)
+class DashboardConfig:
+    token: str | None = field(default=None, repr=False)  # None: the dashboard is read-only
+    show_args: bool = True  # false hides job arguments and checkpoints (personal data)
+
+
+@dataclass(frozen=True)
 class Config:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     shutdown: ShutdownConfig = field(default_factory=ShutdownConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dashboard: DashboardConfig = field(default_factory=DashboardConfig)
     source: str | None = None  # the file it was read from, if any
 
     def with_overrides(self, **server_values) -> "Config":
@@ -209,8 +234,9 @@ class Config:
                 raise ConfigError(f"server.{key} (from the command line): {exc}") from None
         return replace(self, server=replace(self.server, **chosen)) if chosen else self
 
-    def to_dict(self, mask: bool = True) -> dict:
-        """The effective config, with the database password masked."""
+    def to_dict(self) -> dict:
+        """The effective config, with the database password and the
+        dashboard token masked."""
         data = {}
         for section in fields(self):
             if section.name == "source":
@@ -220,8 +246,9 @@ class Config:
                 f.name: list(v) if isinstance(v := getattr(values, f.name), tuple) else v
                 for f in fields(values)
             }
-        if mask:
-            data["database"]["url"] = mask_url(self.database.url)
+        data["database"]["url"] = mask_url(self.database.url)
+        if self.dashboard.token is not None:
+            data["dashboard"]["token"] = "***"
         return data
 
 
@@ -249,8 +276,10 @@ SCHEMA = {
         "nice": parse_niceness,
     },
     "log": {"format": parse_choice("text", "json"), "level": parse_choice("debug", "info", "warning", "error")},
+    "dashboard": {"token": parse_token, "show_args": parse_bool},
 }
-SECTIONS = {"database": DatabaseConfig, "server": ServerConfig, "shutdown": ShutdownConfig, "jobs": JobsConfig, "log": LogConfig}
+SECTIONS = {"database": DatabaseConfig, "server": ServerConfig, "shutdown": ShutdownConfig, "jobs": JobsConfig,
+            "log": LogConfig, "dashboard": DashboardConfig}
 
 
 # --- finding and reading the file ------------------------------------------------
@@ -283,6 +312,12 @@ def load_config(path: str | None = None) -> Config:
             parse_release(config.server.release)
         except ValueError as exc:
             raise ConfigError(f"${ENV_RELEASE} (server.release): {exc}") from None
+    if os.environ.get(ENV_DASHBOARD_TOKEN):
+        try:
+            token = parse_token(os.environ[ENV_DASHBOARD_TOKEN])
+        except ValueError as exc:
+            raise ConfigError(f"${ENV_DASHBOARD_TOKEN}: {exc}") from None
+        config = replace(config, dashboard=replace(config.dashboard, token=token))
     return config
 
 

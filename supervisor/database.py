@@ -6,15 +6,15 @@ a call cannot heartbeat or hand off.
 """
 
 import functools
+import math
 import os
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Column,
@@ -33,7 +33,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, NoSuchModuleError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import NullPool
 
 from supervisor.errors import (
@@ -43,13 +43,58 @@ from supervisor.errors import (
     SchemaTooNew,
     SchemaUpgradeFailed,
     ShiftchangeError,
+    StorageRefused,
     StorageUnavailable,
 )
 from supervisor.tables import COMPAT_TABLE, VERSION_TABLE, jobs, servers
 
 SQLITE_BUSY_TIMEOUT_S = 5.0
-CONNECT_TIMEOUT_S = 5
 EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
+
+
+# --- how long a database call may take ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How long one database call may wait, in seconds (docs/design.md,
+    "Every database call is bounded"). A black-holed network neither answers
+    nor fails, so every wait needs its own limit."""
+
+    connect: int  # to open a connection (whole seconds; libpq's least is 2)
+    statement: float  # one round trip, timed by the client; also the server's
+    # statement, lock-wait and idle-in-transaction timeouts
+    keepalive_idle: int  # an idle connection is probed after this long
+
+
+def bounds_for(heartbeat_interval: float, dead_after: float) -> Bounds:
+    """The bounds for processes of a server with these settings: a call
+    stuck on a dead network gives up after a quarter of dead_after (at
+    least 1 s, so a busy but healthy database is not mistaken for a dead
+    one; at most 5 s, so that a stop signal is acted on within a platform's
+    grace), leaving room for several heartbeat attempts before the fence."""
+    statement = min(max(dead_after / 4, 1.0), 5.0)
+    return Bounds(
+        connect=max(2, math.ceil(statement)),
+        statement=statement,
+        keepalive_idle=max(1, math.ceil(heartbeat_interval)),
+    )
+
+
+COMMAND_STATEMENT_S = 5.0  # a command's reads may scan a large queue
+
+
+def command_bounds(heartbeat_interval: float, dead_after: float) -> Bounds:
+    """For commands and producers: connect as fast as a server gives up,
+    but let one statement take longer (`status` counts every job)."""
+    bounds = bounds_for(heartbeat_interval, dead_after)
+    return replace(bounds, statement=max(bounds.statement, COMMAND_STATEMENT_S))
+
+
+DEFAULT_BOUNDS = bounds_for(1.0, 10.0)  # the defaults of server.*
+
+
+# --- engines -------------------------------------------------------------------------
 
 
 def mask_url(url) -> str:
@@ -61,37 +106,56 @@ def mask_url(url) -> str:
 
 
 def _driver_url(url: str):
-    """Pick the drivers we ship extras for when the URL names none."""
+    """Pick the drivers we ship extras for when the URL names none, and take
+    `postgres://` (as Heroku, Render and Fly hand it out) for PostgreSQL."""
     parsed = make_url(url)
-    if parsed.drivername == "postgresql":
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    elif parsed.drivername in ("mysql", "mariadb"):
-        parsed = parsed.set(drivername=parsed.drivername + "+pymysql")
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "postgres":
+        backend = "postgresql"
+    if backend == "postgresql":
+        parsed = parsed.set(drivername=f"postgresql+{driver or 'psycopg'}")
+    elif backend in ("mysql", "mariadb") and not driver:
+        parsed = parsed.set(drivername=backend + "+pymysql")
     return parsed
 
 
-def _connect_args(dialect: str) -> dict:
+def _connect_args(dialect: str, bounds: Bounds, url) -> dict:
+    """Timeouts for the driver. The TCP ones end a call on a path that drops
+    packets; the client-side round-trip bound (psycopg below, PyMySQL's
+    read/write timeouts) also ends one that a relay or proxy black-holes
+    while still acknowledging every packet."""
+    statement_ms = int(bounds.statement * 1000)
     if dialect == "postgresql":
-        # Keepalives and tcp_user_timeout bound a call on a dead network path.
+        server_side = (
+            f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms} "
+            # A transaction left open by a client that vanished mid-way would
+            # hold its row locks (its server's row, its jobs) until the server
+            # noticed: end it long before another server may reap that one.
+            f"-c idle_in_transaction_session_timeout={statement_ms}"
+        )
+        own = url.query.get("options")
         return {
-            "connect_timeout": CONNECT_TIMEOUT_S,
+            "connect_timeout": bounds.connect,
             "keepalives": 1,
-            "keepalives_idle": 5,
-            "keepalives_interval": 2,
-            "keepalives_count": 2,
-            "tcp_user_timeout": 10_000,
+            "keepalives_idle": bounds.keepalive_idle,
+            "keepalives_interval": 1,
+            "keepalives_count": min(127, max(1, math.ceil(bounds.statement))),  # Linux takes at most 127
+            "tcp_user_timeout": statement_ms,
+            "options": f"{own} {server_side}" if own else server_side,
         }
     if dialect in ("mysql", "mariadb"):
-        return {"connect_timeout": CONNECT_TIMEOUT_S, "read_timeout": 30, "write_timeout": 30}
+        return {"connect_timeout": bounds.connect, "read_timeout": bounds.statement,
+                "write_timeout": bounds.statement}
     if dialect == "sqlite":
         return {"timeout": SQLITE_BUSY_TIMEOUT_S}
     return {}
 
 
-def make_engine(url: str, pre_ping: bool = False) -> Engine:
-    """An engine for `url`, or ConfigError saying plainly what is wrong.
-    `pre_ping` checks a pooled connection before use, so a long-lived
-    producer survives a database restart without a failed call."""
+def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUNDS) -> Engine:
+    """An engine for `url` whose every call is bounded by `bounds`.
+    ConfigError when the URL is not one; StorageRefused when no driver for
+    it is installed. `pre_ping` checks a pooled connection before use, so a
+    long-lived producer survives a database restart without a failed call."""
     try:
         parsed = _driver_url(url)
         dialect = parsed.get_dialect().name
@@ -101,17 +165,70 @@ def make_engine(url: str, pre_ping: bool = False) -> Engine:
         # "locking protocol". No pool means no connection is open between
         # transactions, so none is ever open at a fork.
         pooling = {"poolclass": NullPool} if dialect == "sqlite" else {"pool_pre_ping": pre_ping}
-        engine = create_engine(parsed, connect_args=_connect_args(dialect), **pooling)
+        engine = create_engine(parsed, connect_args=_connect_args(dialect, bounds, parsed), **pooling)
+    except (NoSuchModuleError, ImportError) as exc:  # NoSuchModuleError is an ArgumentError
+        extra = EXTRAS.get(_backend(url), "")
+        hint = f" (pip install 'shiftchange[{extra}]')" if extra else ""
+        raise StorageRefused(f"no driver for {mask_url(url)}{hint}: {exc}") from None
     except (ArgumentError, ValueError) as exc:
         raise ConfigError(f"database.url {mask_url(url)!r} is not a database URL: {exc}") from None
-    except (NoSuchModuleError, ImportError) as exc:
-        extra = EXTRAS.get(make_url(url).get_backend_name(), "")
-        hint = f" (pip install 'shiftchange[{extra}]')" if extra else ""
-        raise ConfigError(f"no driver for {mask_url(url)}{hint}: {exc}") from None
-    if dialect == "sqlite":
+    if dialect == "postgresql":
+        _bound_psycopg(engine, bounds.statement)
+    elif dialect in ("mysql", "mariadb"):
+        _bound_mysql_server(engine, bounds.statement)
+    elif dialect == "sqlite":
+        _check_sqlite_path(url, parsed.database)
         _create_private_file(parsed.database)
         _set_up_sqlite(engine)
     return engine
+
+
+def _backend(url: str) -> str:
+    try:
+        return _driver_url(url).get_backend_name()
+    except Exception:
+        return ""
+
+
+def _bound_psycopg(engine: Engine, seconds: float) -> None:
+    """libpq has no read timeout: a query sent into a black hole waits
+    forever. Connections of this engine give every round trip `seconds`,
+    then close themselves, which the pool sees as a disconnect."""
+    import psycopg
+
+    class BoundedConnection(psycopg.Connection):
+        def wait(self, gen, interval=0.1, timeout=None):
+            try:
+                return super().wait(gen, interval=interval, timeout=seconds if timeout is None else timeout)
+            except psycopg.OperationalError as exc:
+                if self.closed or "wait timeout expired" not in str(exc):
+                    raise
+                self.close()  # mid-protocol: it can never be used again
+                raise psycopg.OperationalError(f"no answer from the database within {seconds:g}s") from None
+
+    @event.listens_for(engine, "do_connect")
+    def connect(_dialect, _record, cargs, cparams):
+        return BoundedConnection.connect(*cargs, **cparams)
+
+
+def _bound_mysql_server(engine: Engine, seconds: float) -> None:
+    """The server-side half of the bounds on MySQL and MariaDB: lock waits,
+    and (MariaDB) a transaction whose client vanished mid-way."""
+
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection, _record):
+        settings = [f"innodb_lock_wait_timeout = {max(1, math.ceil(seconds))}"]
+        if "mariadb" in dbapi_connection.get_server_info().lower():
+            settings += [f"idle_transaction_timeout = {max(1, math.ceil(seconds))}",
+                         f"max_statement_time = {seconds:g}"]
+        cursor = dbapi_connection.cursor()
+        cursor.execute("SET SESSION " + ", ".join(settings))
+        cursor.close()
+
+
+def _check_sqlite_path(url: str, path: str | None) -> None:
+    if path and os.path.isdir(path):
+        raise StorageRefused(f"cannot use the database {mask_url(url)}: {path} is a directory, not a SQLite file")
 
 
 def _create_private_file(path: str | None) -> None:
@@ -154,15 +271,57 @@ def _set_up_sqlite(engine: Engine) -> None:
             raw.cursor().execute("PRAGMA journal_mode=WAL")
         finally:
             raw.close()
-    except DBAPIError as exc:
+    except (DBAPIError, engine.dialect.dbapi.Error) as exc:  # a raw connection's are not wrapped
         raise unavailable(engine, exc) from None
 
 
+# --- what an error means ---------------------------------------------------------------
+
+# Errors that retrying does not fix: the database answered, and said no.
+_PERMANENT_MYSQL_CODES = {
+    1044,  # access denied to the database
+    1045,  # access denied (authentication failed)
+    1049,  # unknown database
+    1698,  # access denied (auth plugin)
+}
+_PERMANENT_MESSAGES = re.compile(
+    r"database \S+ does not exist|role \S+ does not exist|authentication failed|"
+    r"no pg_hba\.conf entry|file is not a database|unable to open database file|"
+    r"unknown database|access denied",
+    re.IGNORECASE,
+)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    """True for an error that retrying will not fix (no such database,
+    authentication failed, not a database file); refused connections,
+    resets and timeouts are transient."""
+    orig = getattr(exc, "orig", None) or exc
+    args = getattr(orig, "args", ())
+    if args and isinstance(args[0], int):  # PyMySQL: (code, message)
+        return args[0] in _PERMANENT_MYSQL_CODES
+    return bool(_PERMANENT_MESSAGES.search(str(orig)))
+
+
 def unavailable(engine_or_url, exc: BaseException) -> StorageUnavailable:
-    """A StorageUnavailable that names the database without its password."""
+    """A StorageUnavailable that names the database without its password;
+    a StorageRefused when retrying would not help."""
     url = engine_or_url.url if isinstance(engine_or_url, Engine) else engine_or_url
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-    return StorageUnavailable(f"cannot reach the database {mask_url(url)}: {reason}")
+    if is_permanent(exc):
+        return StorageRefused(f"cannot use the database {mask_url(url)}: {_reason(exc)}")
+    return StorageUnavailable(f"cannot reach the database {mask_url(url)}: {_reason(exc)}")
+
+
+def _reason(exc: BaseException) -> str:
+    """The driver's own words, on one line: PyMySQL's message without its
+    code; what libpq says after `FATAL:`."""
+    orig = getattr(exc, "orig", None) or exc
+    args = getattr(orig, "args", ())
+    if len(args) == 2 and isinstance(args[0], int):
+        return f"{args[1]} (error {args[0]})"
+    lines = str(orig).strip().splitlines() or [type(orig).__name__]
+    fatal = next((line for line in lines if "FATAL:" in line), None)
+    return fatal.split("FATAL:", 1)[1].strip() if fatal else lines[0].strip()
 
 
 # --- migrations --------------------------------------------------------------
@@ -184,6 +343,10 @@ FIRST_RELEASE_HEAD = "0002"  # release 0.1.0: where the marker starts
 SCHEMA_LOCK_NAME = "shiftchange_schema"  # MariaDB GET_LOCK name
 SCHEMA_LOCK_KEY = 0x73686966746368  # PostgreSQL advisory lock key ("shiftch")
 SCHEMA_LOCK_WAIT_S = 60
+# Creating or upgrading the schema: wait for the lock as long as another
+# replica may hold it, and give one migration step minutes. Still bounded:
+# a black-holed database ends the wait, and nothing is owned before start.
+MIGRATION_BOUNDS = Bounds(connect=5, statement=SCHEMA_LOCK_WAIT_S + 240, keepalive_idle=5)
 # Where the migration scripts live; a test points it at a copy with an extra
 # contract step.
 script_location = str(resources.files("supervisor") / "migrations")
@@ -338,14 +501,22 @@ def schema_lock(engine: Engine):
                 yield conn
         finally:
             if dialect in ("mysql", "mariadb"):
-                conn.rollback()
-                conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": SCHEMA_LOCK_NAME})
-                conn.commit()
+                _release_named_lock(conn)
+
+
+def _release_named_lock(conn) -> None:
+    try:
+        conn.rollback()
+        conn.execute(text("SELECT RELEASE_LOCK(:name)"), {"name": SCHEMA_LOCK_NAME})
+        conn.commit()
+    except DBAPIError:
+        pass  # a lost session has lost its lock too
 
 
 def _lock_timeout(engine) -> StorageUnavailable:
+    # An outage-like error: a server at start retries it.
     return StorageUnavailable(
-        f"waited {SCHEMA_LOCK_WAIT_S}s for the schema lock of {mask_url(engine.url)}: "
+        f"timed out waiting for the schema lock of {mask_url(engine.url)}: "
         f"another process is creating or upgrading the schema"
     )
 
@@ -356,26 +527,21 @@ def upgrade(engine: Engine, revision: str = "head", contract: bool = True) -> tu
     leaves a newer schema that this release may use alone. With
     `contract=False` (a server or producer at start) only additive steps
     run; a contract step also needs that no live server still runs a
-    release it would break."""
+    release it would break.
+
+    It runs on an engine of its own with MIGRATION_BOUNDS: a server's
+    statement bound (seconds) would cut off the wait for the schema lock
+    while another replica migrates, and any step that takes longer, such as
+    building an index on a large table."""
+    migrating = make_engine(engine.url.render_as_string(hide_password=False), bounds=MIGRATION_BOUNDS)
     try:
-        with schema_lock(engine) as conn:
-            return _upgrade_locked(engine, conn, revision, contract)
-    except (OperationalError, InterfaceError) as exc:
-        if _is_lock_timeout(exc):
-            raise _lock_timeout(engine) from None
-        if getattr(exc, "connection_invalidated", False) or _connection_error(exc):
-            raise unavailable(engine, exc) from None
-        raise _failed(engine, revision, exc) from None
+        with schema_lock(migrating) as conn:
+            return _upgrade_locked(migrating, conn, revision, contract)
     except DBAPIError as exc:
-        raise _failed(engine, revision, exc) from None
-
-
-def _failed(engine, revision, exc) -> SchemaUpgradeFailed:
-    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-    target = head_revision() if revision == "head" else revision
-    return SchemaUpgradeFailed(
-        f"creating or upgrading the schema of {mask_url(engine.url)} to revision {target} failed: {reason}"
-    )
+        target = head_revision() if revision == "head" else revision
+        raise _schema_error(engine, f"creating or upgrading the schema to revision {target}", exc) from None
+    finally:
+        migrating.dispose()
 
 
 def _is_lock_timeout(exc) -> bool:
@@ -384,6 +550,8 @@ def _is_lock_timeout(exc) -> bool:
 
 
 def _connection_error(exc) -> bool:
+    if getattr(exc, "connection_invalidated", False):
+        return True
     text_ = str(getattr(exc, "orig", exc)).lower()
     return any(
         words in text_
@@ -417,13 +585,17 @@ def _upgrade_locked(engine, conn, revision, contract):
         command.stamp(_alembic_config(conn), state.revision)
     if pending:
         command.upgrade(_alembic_config(conn), target)
-    _set_marker(conn, state.marker, marker_for(target))
-    return state.revision, target
+    after = target if pending else state.revision
+    if after is not None:
+        _set_marker(conn, state.marker, marker_for(after))
+    return state.revision, after
 
 
 def _pending(current: str | None, target: str) -> list:
-    """The scripts between `current` (excluded) and `target`, oldest first."""
-    if current == target:
+    """The scripts between `current` (excluded) and `target`, oldest first;
+    none when `target` is not ahead of `current`: we never migrate down."""
+    known = known_revisions()
+    if current is not None and known.index(target) <= known.index(current):
         return []
     return list(reversed(list(_scripts().iterate_revisions(target, current))))
 
@@ -506,15 +678,11 @@ def ensure_schema(engine: Engine, create: bool = True) -> None:
     say in one line what is wrong. A newer schema is fine when declared
     compatible with this release; otherwise: upgrade this server.
     """
-    try:
-        with engine.connect() as conn:
-            state = schema_state(conn)
-    except DBAPIError as exc:
-        raise unavailable(engine, exc) from None
     known, head = known_revisions(), head_revision()
-    if usable(state, known, head):
+    state = _peek(engine)
+    if state is not None and usable(state, known, head):
         return
-    if state.revision is not None and state.revision not in known:
+    if state is not None and state.revision is not None and state.revision not in known:
         raise _too_new(engine, state)
     if create:
         upgrade(engine, contract=False)
@@ -525,6 +693,34 @@ def ensure_schema(engine: Engine, create: bool = True) -> None:
         with schema_lock(engine) as conn:
             state = schema_state(conn)
     except DBAPIError as exc:
-        raise unavailable(engine, exc) from None
+        raise _schema_error(engine, "reading the schema revision", exc) from None
     if not usable(state, known, head):
         raise _explain(engine, state)
+
+
+def _peek(engine: Engine) -> SchemaState | None:
+    """The schema state read without the lock, or None when it cannot be
+    read that way: MariaDB refuses to read a table's definition while
+    another session changes it (error 1684)."""
+    try:
+        conn = engine.connect()
+    except DBAPIError as exc:
+        raise unavailable(engine, exc) from None
+    with conn:
+        try:
+            return schema_state(conn)
+        except DBAPIError as exc:
+            if _connection_error(exc):
+                raise unavailable(engine, exc) from None
+            return None
+
+
+def _schema_error(engine, what: str, exc: DBAPIError) -> ShiftchangeError:
+    """A lost connection is an outage (retried by a server at start);
+    anything else names what failed."""
+    if _is_lock_timeout(exc):
+        return _lock_timeout(engine)
+    if _connection_error(exc):
+        return unavailable(engine, exc)
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    return SchemaUpgradeFailed(f"{what} failed on {mask_url(engine.url)}: {reason}")

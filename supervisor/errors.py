@@ -27,8 +27,22 @@ class InvalidJob(ShiftchangeError):
     exit_code = EXIT_USAGE
 
 
+class InvalidFilter(ShiftchangeError):
+    """A job filter (state, queue, target, text) or a queue name that
+    cannot be applied."""
+
+    exit_code = EXIT_USAGE
+
+
 class StorageUnavailable(ShiftchangeError):
     """The database cannot be reached (after retries where they apply)."""
+
+
+class StorageRefused(StorageUnavailable):
+    """The database answered and said no for a reason that retrying does not
+    fix (no such database, authentication failed, not a database file, no
+    driver): commands and `run` stop at once. A running supervisor treats it
+    as an outage like any other (an operator may be fixing a grant)."""
 
 
 class SchemaOutOfDate(ShiftchangeError):

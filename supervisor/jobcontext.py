@@ -1,5 +1,6 @@
 """What job code sees of shiftchange: `from supervisor import current_job`."""
 
+import asyncio
 import threading
 import time
 
@@ -26,6 +27,8 @@ class JobContext:
         self._open_storage = open_storage
         self._storage = None
         self._stopping = threading.Event()
+        self._async_waiters: set = set()  # (loop, future) of wait_stopping_async calls
+        self._lock = threading.Lock()
 
     def checkpoint(self, data) -> None:
         """Save `data` (JSON-serialisable) as this job's progress. A resumed
@@ -36,14 +39,25 @@ class JobContext:
             text = to_json(data, "checkpoint data")
         except Exception as exc:  # InvalidJob, but job code expects TypeError
             raise TypeError(str(exc)) from None
-        if self._storage is None:
-            self._storage = self._open_storage()
         if not self._save(text):
             raise LeaseLost(
                 f"job {self.id} was taken from this run (handed off or reaped); "
                 "its checkpoint was not saved"
             )
         self.checkpoint_data = data
+
+    def _storage_for_run(self):
+        """This run's own connection, opened on first use: checkpoints and
+        the outcome its process records at the end go through it."""
+        if self._storage is None:
+            self._storage = self._open_storage()
+        return self._storage
+
+    async def checkpoint_async(self, data) -> None:
+        """checkpoint() for coroutines: the database round trip (and its
+        retries) runs in a thread, so the event loop keeps serving the
+        job's other tasks meanwhile. Same errors as checkpoint()."""
+        await asyncio.to_thread(self.checkpoint, data)
 
     def _save(self, text: str) -> bool:
         """The lease-fenced write, retried while the database is briefly
@@ -52,7 +66,7 @@ class JobContext:
         delay, give_up = 0.1, time.monotonic() + CHECKPOINT_RETRY_S
         while True:
             try:
-                return self._storage.checkpoint(self.id, self._lease, self._server_id, text)
+                return self._storage_for_run().checkpoint(self.id, self._lease, self._server_id, text)
             except StorageUnavailable:
                 if time.monotonic() + delay > give_up:
                     raise
@@ -70,8 +84,42 @@ class JobContext:
         `stopping`."""
         return self._stopping.wait(timeout)
 
+    async def wait_stopping_async(self, timeout: float | None = None) -> bool:
+        """wait_stopping() for coroutines: await the stop notice (or
+        `timeout`) without blocking the event loop; returns `stopping`."""
+        if self._stopping.is_set():
+            return True
+        waiter = (asyncio.get_running_loop(), asyncio.get_running_loop().create_future())
+        with self._lock:
+            self._async_waiters.add(waiter)
+        if self._stopping.is_set():  # the notice came while we registered
+            _wake(*waiter)
+        try:
+            await asyncio.wait([waiter[1]], timeout=timeout)
+        finally:
+            with self._lock:
+                self._async_waiters.discard(waiter)
+        return self.stopping
+
     def _notice_stop(self) -> None:
+        """Called from the thread that reads stop notices."""
         self._stopping.set()
+        with self._lock:
+            waiters = list(self._async_waiters)
+        for waiter in waiters:
+            _wake(*waiter)
+
+
+def _wake(loop, future) -> None:
+    """Resolve a wait_stopping_async future from any thread."""
+    def resolve():
+        if not future.done():
+            future.set_result(True)
+
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:
+        pass  # the loop is closed: nobody waits any more
 
 
 def current_job() -> JobContext:

@@ -11,12 +11,18 @@ so that it can always do its three duties, whatever the job's code is doing:
   supervisor is frozen or cannot reach the database), one heartbeat before
   another server could declare that supervisor dead, so a job never runs in
   two places at once;
-- report how the job's process ended.
+- report how the job's process ended, and record that outcome in storage
+  itself (see outcomes.py): a callable's job process hands its outcome to
+  the child the moment its code ends; for a command, the exit status is the
+  outcome. So a frozen, starved or killed supervisor cannot turn a finished
+  run into a rerun.
 
 Messages to the supervisor are JSON lines on the results pipe.
 The lifeline carries `S` (stop notice) and `R<deadline>` (renewal) lines.
 """
 
+import asyncio
+import inspect
 import json
 import os
 import select
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 
 from supervisor import jobcontext
 from supervisor.errors import HandOff, LeaseLost, StorageUnavailable
+from supervisor.outcomes import record_finished_run
 from supervisor.processes import (
     become_subreaper,
     clock,
@@ -56,14 +63,29 @@ class Assignment:
     database_url: str
     allow: AllowList
     nice: int = 0  # added to the job process's niceness
+    database_bounds: object = None  # database.Bounds; None: the defaults
+    retry_backoff: float = 10.0  # jobs.retry_backoff, for recording a failure here
+    # The supervisor's engine, its dialect already set up (and its calls
+    # bounded): reused, with a pool of its own, by the processes below, which
+    # saves each job a new engine's set-up queries. None: build one from
+    # database_url.
+    engine: object = None
 
 
-def open_storage(url: str):
-    """A fresh connection for this process; never reuse the parent's."""
-    from supervisor.database import make_engine
+def open_storage(assignment: Assignment):
+    """Storage on fresh connections of this process; never on the parent's.
+    Its calls are bounded like the supervisor's: a checkpoint or an outcome
+    during a network partition fails instead of hanging."""
+    from supervisor.database import DEFAULT_BOUNDS, make_engine
     from supervisor.storage import Storage
 
-    return Storage(make_engine(url))
+    engine = assignment.engine
+    if engine is None:
+        return Storage(make_engine(assignment.database_url, bounds=assignment.database_bounds or DEFAULT_BOUNDS))
+    # Forget the pooled connections inherited from the supervisor without
+    # closing them (they are its); connections are opened anew from here.
+    engine.dispose(close=False)
+    return Storage(engine)
 
 
 def send(fd: int, **message) -> None:
@@ -98,7 +120,9 @@ class Child:
         self.stop_noticed = False
         self.inbox = b""  # partial lifeline line
         self.checkpoint_lines = b""  # partial checkpoint line from a command
-        self.storage = None  # opened on a command's first checkpoint
+        self.storage = None  # opened on a command's first checkpoint, or for the outcome
+        self.outcome_r = None  # a callable's outcome, sent by its job process
+        self.outcome_data = b""
 
     def run(self) -> int:
         # Leader of its own process group, but in the supervisor's session:
@@ -113,21 +137,90 @@ class Child:
         job = self.assignment.job
         if job.kind == "command":
             self.notice, job_end = os.pipe()  # checkpoint lines from the command
+            # Why an exec failed; closed by a successful exec (O_CLOEXEC).
+            self.exec_error, exec_error_w = os.pipe2(os.O_CLOEXEC)
             self.job_pid = os.fork()
             if self.job_pid == 0:
-                exec_command(self.assignment, self.results, job_end)
+                exec_command(self.assignment, self.results, job_end, exec_error_w)
+            os.close(exec_error_w)
         else:
             job_end, self.notice = os.pipe()  # stop notices to the job's process
+            self.outcome_r, outcome_w = os.pipe()  # its outcome, once its code has ended
+            os.set_blocking(self.outcome_r, False)
             self.job_pid = os.fork()
             if self.job_pid == 0:
-                run_callable(self.assignment, self.results, job_end, (self.lifeline, self.notice, self.wakeup))
+                # The job's process gets no end of the results pipe: only this
+                # child speaks to the supervisor (see _record_outcome).
+                run_callable(self.assignment, job_end, outcome_w,
+                             (self.lifeline, self.results, self.notice, self.wakeup, self.outcome_r))
+            os.close(outcome_w)
         os.close(job_end)
         ended = self._watch()
         self._clean_up_tree()
         if ended:
-            send(self.results, event="exit", how=describe_status(self.job_status),
-                 code=os.waitstatus_to_exitcode(self.job_status), stop_noticed=self.stop_noticed)
+            status = self.job_status
+            how = describe_status(status) if status is not None else "killed after its code had ended"
+            code = os.waitstatus_to_exitcode(status) if status is not None else None
+            send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed,
+                 **self._record_outcome(how, code))
         return 0
+
+    def _record_outcome(self, how: str, code: int | None) -> dict:
+        """Record how the run ended, from here (see outcomes.py): what a
+        callable's job process said when its code ended, or a command's exit
+        (by itself, or by the SIGTERM of our stop notice). A command's death
+        by any other signal is left to the supervisor: only it knows whether
+        it killed the job for its memory or a lost lease, or whether its
+        server is stopping. Returns what the exit message adds."""
+        if self.assignment.job.kind == "command":
+            if code < 0 and not (self.stop_noticed and code == -signal.SIGTERM):
+                return {}
+            exec_error = os.read(self.exec_error, 65536).decode(errors="replace")
+            kind, error = ("failed", exec_error) if exec_error else command_outcome(how, code, self.stop_noticed)
+        else:
+            delivered = self._delivered_outcome()
+            if delivered is None:
+                return {}  # the job's process died before its code ended
+            kind, error = delivered
+        recorded = record_finished_run(self._kept_storage, self.assignment.job, self.assignment.server_id,
+                                       kind, error, self.assignment.retry_backoff)
+        if recorded:
+            return {"outcome": kind, "error": error, "recorded": recorded}
+        if self.assignment.job.kind != "command":
+            # Not recorded (the database did not answer): relay what the job's
+            # process said, for the supervisor to record.
+            send(self.results, event="result", outcome=kind, error=error)
+        return {}
+
+    def _read_outcome(self) -> bool:
+        """Take what the job's process has sent of its outcome; False at EOF."""
+        try:
+            data = os.read(self.outcome_r, 1 << 20)
+        except BlockingIOError:
+            return True
+        self.outcome_data += data
+        return bool(data)
+
+    def _delivered_outcome(self) -> tuple[str, str | None] | None:
+        """(outcome, error) once the job's process sent its whole outcome line."""
+        if self.outcome_r is None:
+            return None
+        while self._read_outcome() and not self.outcome_data.endswith(b"\n"):
+            if not select.select([self.outcome_r], [], [], 0)[0]:
+                break
+        if not self.outcome_data.endswith(b"\n"):
+            return None
+        try:
+            message = json.loads(self.outcome_data)
+            return message["outcome"], message.get("error")
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _kept_storage(self):
+        """The connection this child keeps for checkpoints and the outcome."""
+        if self.storage is None:
+            self.storage = open_storage(self.assignment)
+        return self.storage
 
     def _own_signals(self) -> int:
         """Replace the supervisor's handlers: the child outlives SIGTERM to
@@ -149,9 +242,13 @@ class Child:
         watched = [self.lifeline, self.wakeup]
         if self.assignment.job.kind == "command":
             watched.append(self.notice)
+        else:
+            watched.append(self.outcome_r)  # a long traceback may not fit the pipe's buffer
         while True:
             timeout = self.deadline - clock()
             if timeout <= 0:
+                if self._delivered_outcome() is not None:
+                    return True  # its code has ended: kill what is left, record what it said
                 send(self.results, event="fenced", reason="the supervisor stopped renewing the lease")
                 return False
             try:
@@ -159,12 +256,17 @@ class Child:
             except InterruptedError:
                 ready = []
             if self.lifeline in ready and not self._read_lifeline():
-                return False
+                # The supervisor is gone: the job must stop now. If its code
+                # has ended, it runs no job code any more, and its outcome is
+                # recorded all the same: a finished run must not become a rerun.
+                return self._delivered_outcome() is not None
             if self.wakeup in ready:
                 os.read(self.wakeup, 4096)
             if self.assignment.job.kind == "command" and self.notice in ready:
                 if not self._read_checkpoints():
                     watched.remove(self.notice)
+            if self.outcome_r in ready and not self._read_outcome():
+                watched.remove(self.outcome_r)
             if self._reap():
                 return True
 
@@ -213,10 +315,8 @@ class Child:
                  error=f"checkpoint written to fd {CHECKPOINT_FD} is not JSON: {line[:200]!r}")
             _signal(self.job_pid, signal.SIGKILL)
             return
-        if self.storage is None:
-            self.storage = open_storage(self.assignment.database_url)
         try:
-            saved = self.storage.checkpoint(job.id, job.lease, self.assignment.server_id, line.decode())
+            saved = self._kept_storage().checkpoint(job.id, job.lease, self.assignment.server_id, line.decode())
         except StorageUnavailable as exc:
             # Skipped, not fatal: the command goes on and its next line may
             # land. If the outage outlasts the lease, the deadline stops it.
@@ -256,6 +356,16 @@ class Child:
                 continue
 
 
+def command_outcome(how: str, code: int, stop_noticed: bool) -> tuple[str, str | None]:
+    """What a command's end means: exit 0 succeeded; EX_TEMPFAIL, or death
+    by SIGTERM after the stop notice, asks for a handoff; anything else failed."""
+    if code == 0:
+        return "succeeded", None
+    if code == HANDOFF_EXIT_CODE or (stop_noticed and code == -signal.SIGTERM):
+        return "handoff", f"the command asked to be handed off ({how})"
+    return "failed", f"the command ended with {how}"
+
+
 def _signal(pid, sig):
     try:
         os.kill(pid, sig)
@@ -280,15 +390,16 @@ def _become_job_process(nice: int):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_callable(assignment: Assignment, results: int, stop_notices: int, close: tuple):
-    """Import and call the job's target; report how it ended. Never returns."""
+def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, close: tuple):
+    """Import and call the job's target; report how it ended to the child,
+    which records it (or relays it to the supervisor). Never returns."""
     for fd in close:
         os.close(fd)
     _become_job_process(assignment.nice)
     job = assignment.job
     set_title(f"shiftchange: job {job.id} {job.target}")
     context = jobcontext.JobContext(
-        job, job.lease, assignment.server_id, lambda: open_storage(assignment.database_url)
+        job, job.lease, assignment.server_id, lambda: open_storage(assignment)
     )
     threading.Thread(target=_watch_stop_notices, args=(stop_notices, context), daemon=True).start()
     jobcontext._enter(context)
@@ -296,19 +407,54 @@ def run_callable(assignment: Assignment, results: int, stop_notices: int, close:
     try:
         assignment.allow.check_callable(job.target)  # again, before any import
         function = resolve_callable(job.target)
-        function(*job.args, **job.kwargs)
+        call_job(function, job.args, job.kwargs)
     except HandOff as exc:
         outcome, error = "handoff", str(exc) or "the job raised HandOff"
     except LeaseLost as exc:
         outcome, error = "lease_lost", str(exc)
+    except WorkNotDone as exc:
+        outcome, error = "failed", str(exc)
     except SystemExit as exc:
         if exc.code not in (None, 0):
             outcome, error = "failed", f"the job called sys.exit({exc.code!r})"
     except BaseException:
         outcome, error = "failed", traceback.format_exc()
+    # First to the child, which records it: from this moment a dying or
+    # late supervisor no longer turns the finished run into a rerun.
+    send(outcome_fd, outcome=outcome, error=error)
     _flush_stdio()
-    send(results, event="result", outcome=outcome, error=error)
     os._exit(0)
+
+
+class WorkNotDone(Exception):
+    """The job's target returned something that means its work never ran."""
+
+
+def call_job(function, args, kwargs):
+    """Run the job's target to completion; returns its result. A coroutine
+    function (or any call whose result is awaitable) runs in an event loop of
+    its own, one per job; a result that means the work did not happen (a
+    generator's body runs only when iterated) raises WorkNotDone instead of
+    passing for success."""
+    result = function(*args, **kwargs)
+    if inspect.isawaitable(result):
+        result = asyncio.run(_await_all(result))
+    if inspect.isgenerator(result) or inspect.isasyncgen(result):
+        raise WorkNotDone(
+            f"the job's target returned {type(result).__name__} {getattr(result, '__qualname__', '')!r} "
+            "instead of running: its body only runs when iterated; do the work in a plain "
+            "function or an `async def` without `yield`"
+        )
+    return result
+
+
+async def _await_all(awaitable):
+    """Await `awaitable`, and whatever awaitable it resolves to in turn (an
+    async function that returns a coroutine has not done its work yet)."""
+    result = await awaitable
+    while inspect.isawaitable(result):
+        result = await result
+    return result
 
 
 def _watch_stop_notices(fd: int, context) -> None:
@@ -319,12 +465,16 @@ def _watch_stop_notices(fd: int, context) -> None:
         pass
 
 
-def exec_command(assignment: Assignment, results: int, checkpoint_fd: int):
-    """Replace this process with the job's command. Never returns."""
+def exec_command(assignment: Assignment, results: int, checkpoint_fd: int, exec_error: int):
+    """Replace this process with the job's command. Never returns. If it
+    cannot, the reason goes to `exec_error` (for the child, which records
+    the failure) and to the supervisor."""
     job = assignment.job
     _become_job_process(assignment.nice)
     if results == CHECKPOINT_FD:
         results = os.dup(results)
+    if exec_error == CHECKPOINT_FD:
+        exec_error = os.dup(exec_error)  # close-on-exec, as the original was
     try:
         path = assignment.allow.check_command(job.target)
         os.dup2(checkpoint_fd, CHECKPOINT_FD)
@@ -341,6 +491,10 @@ def exec_command(assignment: Assignment, results: int, checkpoint_fd: int):
         os.execve(path, job.argv, env)
     except BaseException as exc:
         reason = str(exc) if not isinstance(exc, OSError) else f"cannot execute {job.target!r}: {exc.strerror}"
+        try:
+            os.write(exec_error, reason.encode()[:4096])
+        except OSError:
+            pass
         send(results, event="result", outcome="failed", error=reason)
         os._exit(127)
 

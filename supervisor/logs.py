@@ -61,3 +61,23 @@ def event(message: str, *args, level: int = logging.INFO, **fields) -> None:
     """Log `message` with structured `fields` (job, server, event...) that
     the JSON format shows as keys."""
     log.log(level, message, *args, extra={"fields": fields})
+
+
+def read_events(text: str) -> list[dict]:
+    """The records of a JSON-format log (log.format: json), oldest first;
+    lines that are not JSON records (a traceback, a partial last line) are
+    skipped. Tools read numbers from these fields, never from the prose."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def first_event(text: str, name: str) -> dict | None:
+    """The first record of a JSON-format log whose `event` field is `name`."""
+    return next((r for r in read_events(text) if r.get("event") == name), None)

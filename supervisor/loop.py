@@ -1,4 +1,5 @@
-"""The supervisor: one process, one thread, one loop. It never runs job code.
+"""The supervisor: one process, one loop. It never runs job code. (Its one
+other thread is shutdown.py's bound on a storage call that may hang.)
 
 Signal handlers only queue the signal (and wake the loop through a pipe);
 the loop waits on that pipe and on the children's result pipes with a
@@ -16,10 +17,11 @@ import socket
 from supervisor import systemd
 from supervisor.children import RunningJob, spawn
 from supervisor.config import Config
-from supervisor.database import ensure_schema, make_engine
-from supervisor.errors import EXIT_OK, StorageUnavailable
+from supervisor.database import bounds_for, ensure_schema, make_engine
+from supervisor.errors import EXIT_OK, StorageRefused, StorageUnavailable
 from supervisor.jobprocess import Assignment
 from supervisor.logs import event
+from supervisor.outcomes import write_outcome
 from supervisor.processes import (
     become_subreaper,
     clock,
@@ -45,8 +47,14 @@ MAX_BACKOFF_S = 5.0
 
 
 class Supervisor:
-    def __init__(self, config: Config):
+    """The supervisor process's state and its verbs. `clock` is injected so
+    that its decisions (deadlines, waits, the fence) can be tested without
+    real time passing; in production it is processes.clock."""
+
+    def __init__(self, config: Config, clock=clock):
+        self.clock = clock
         self.config = config
+        self.db_bounds = bounds_for(config.server.heartbeat_interval, config.server.dead_after)
         self.allow = AllowList(config.jobs.allow, config.jobs.allow_commands)
         self.storage: Storage | None = None
         self.server_id: str | None = None
@@ -63,7 +71,7 @@ class Supervisor:
         self.exit_requested = False
         self.draining = False  # shutdown step 2: the loop runs, claiming has stopped
         self.pending: list[tuple[Job, str, str | None]] = []  # outcomes to record
-        self.last_beat_sent = clock()
+        self.last_beat_sent = self.clock()
         self.beat_failing_since: float | None = None
         self.fenced = False  # we killed our children for want of a heartbeat
         self.next_beat = self.next_claim = self.next_sweep = 0.0
@@ -83,7 +91,7 @@ class Supervisor:
 
     def _queue_signal(self, signum, _frame) -> None:
         # Only queue: logging, killing and waiting happen in the loop.
-        self.signals.append((signum, clock()))
+        self.signals.append((signum, self.clock()))
 
     def handle_signals(self) -> None:
         while self.signals:
@@ -113,7 +121,7 @@ class Supervisor:
         except InterruptedError:
             ready = []
         if listening in ready and self.wakeups.drain():
-            self.next_claim = clock()
+            self.next_claim = self.clock()
         try:
             while os.read(self.wakeup_r, 4096):
                 pass
@@ -126,10 +134,11 @@ class Supervisor:
     def start(self) -> bool:
         """Connect (retrying with backoff), create the schema on an empty
         database, reap our own dead previous incarnation, register. False
-        when a stop signal came first."""
-        give_up_at = clock() + self.config.database.retry_for
+        when a stop signal came first. An error that retrying cannot fix
+        (no such database, authentication failed) is raised at once."""
+        give_up_at = self.clock() + self.config.database.retry_for
         delay = 0.2
-        engine = make_engine(self.config.database.url)
+        engine = make_engine(self.config.database.url, bounds=self.db_bounds)
         while True:
             try:
                 ensure_schema(engine)
@@ -138,8 +147,10 @@ class Supervisor:
                 self._reap_previous_incarnation()
                 self._register()
                 return True
+            except StorageRefused:
+                raise
             except StorageUnavailable as exc:
-                if clock() + delay > give_up_at:
+                if self.clock() + delay > give_up_at:
                     raise StorageUnavailable(
                         f"{exc} (gave up after database.retry_for = {self.config.database.retry_for:g}s)"
                     ) from None
@@ -151,7 +162,7 @@ class Supervisor:
 
     def _register(self) -> None:
         server = self.config.server
-        self.last_beat_sent = clock()
+        self.last_beat_sent = self.clock()
         self.server_id = self.storage.register_server(
             name=server.name,
             host=socket.gethostname(),
@@ -163,7 +174,7 @@ class Supervisor:
             release=server.release,
         )
         self.beat_failing_since = None
-        self.next_beat = clock() + server.heartbeat_interval
+        self.next_beat = self.clock() + server.heartbeat_interval
         self.quiet_wanted = self.quiet_wanted or self.quiet  # a new registration stays quiet
         event(
             "server %s registered as %s (release %s, pid %d, queues %s, concurrency %d)",
@@ -201,11 +212,11 @@ class Supervisor:
         that went silent while draining would be reaped and its jobs run
         twice. A second stop signal, or finding that someone else stopped
         this server, ends it early."""
-        deadline = clock() + seconds
+        deadline = self.clock() + seconds
         self.draining = True
-        self.next_beat = clock()  # learn at once whether `shiftchange handoff` took our jobs
+        self.next_beat = self.clock()  # learn at once whether `shiftchange handoff` took our jobs
         try:
-            while self.running and clock() < deadline and not self.hurry and not self.exit_requested:
+            while self.running and self.clock() < deadline and not self.hurry and not self.exit_requested:
                 self.tick(deadline)
         finally:
             self.draining = False
@@ -213,11 +224,16 @@ class Supervisor:
     def tick(self, until: float | None = None) -> None:
         """One turn of the loop: wait for something to do (at most until
         `until`), collect finished children, heartbeat and claim when due."""
-        self.wait(min(self._next_wake(), until if until is not None else float("inf")) - clock())
+        self.wait(min(self._next_wake(), until if until is not None else float("inf")) - self.clock())
         self.collect_children()
         if self.exit_requested or (self.stop_signal is not None and not self.draining):
             return  # the shutdown sequence starts now, not after a heartbeat
-        now = clock()
+        now = self.clock()
+        # (Re)connect the LISTEN socket here, never inside wait()'s select
+        # path, and not while heartbeats fail: each attempt on a dead
+        # network would hold the loop for the connect timeout.
+        if self.wakeups and self.claiming and self.beat_failing_since is None:
+            self.wakeups.listen()
         if self.quiet_wanted and self.server_id:
             self._record_quiet()
         if now >= self.next_beat:
@@ -235,17 +251,19 @@ class Supervisor:
         return min(wakes)
 
     def _ping_watchdog(self) -> None:
-        if self.watchdog and clock() >= self.next_watchdog:
+        if self.watchdog and self.clock() >= self.next_watchdog:
             systemd.notify("WATCHDOG=1", f"STATUS={len(self.running)} jobs running")
-            self.next_watchdog = clock() + self.watchdog
+            self.next_watchdog = self.clock() + self.watchdog
 
     # --- claiming and spawning ---------------------------------------------------------
 
     def claim(self) -> None:
         free = self.config.server.concurrency - len(self.running)
-        self.next_claim = clock() + self.config.server.poll_interval
-        if free <= 0 or clock() > self.fence_deadline() - self.config.server.heartbeat_interval:
+        self.next_claim = self.clock() + self.config.server.poll_interval
+        if free <= 0 or self.clock() > self.fence_deadline() - self.config.server.heartbeat_interval:
             return  # a job started now would be fenced before the next heartbeat
+        if self.beat_failing_since is not None:
+            return  # the database is failing us: another call would only wait too
         # A few at a time: a fork under a full CPU load can take 100 ms, and
         # signals and heartbeats must not wait for dozens of them.
         batch = min(free, CLAIM_BATCH)
@@ -259,7 +277,7 @@ class Supervisor:
             self._start_job(job)
         self.idle = not jobs
         if len(jobs) == batch:
-            self.next_claim = clock()  # there may be more waiting
+            self.next_claim = self.clock()  # there may be more waiting
 
     def _start_job(self, job) -> None:
         try:
@@ -273,8 +291,10 @@ class Supervisor:
             self.pending.append((job, "refused", str(exc)))
             self.record_pending()
             return
-        assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice)
-        child = spawn(assignment, self.fence_deadline())
+        assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice,
+                                self.db_bounds, retry_backoff=self.config.jobs.retry_backoff,
+                                engine=self.storage.engine)
+        child = spawn(assignment, self.fence_deadline(), self.clock())
         self.running[child.pid] = child
         event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,
               job.attempts, job.lease, child.pid, event="claimed", job=job.id, server=self.server_id)
@@ -309,13 +329,20 @@ class Supervisor:
                 self._finish(child)
 
     def _finish(self, child: RunningJob) -> None:
-        kind, error = child.outcome(stopping=self.stop_signal is not None)
-        seconds = clock() - child.started
-        if self.dropping or kind == "dropped":
-            event("job %d: outcome '%s' after %.2fs dropped: this run no longer owns the job",
-                  child.job.id, kind, seconds, event="dropped", job=child.job.id)
+        recorded = child.recorded()
+        if recorded:  # durable already, written by the run's own side
+            self.next_claim = self.clock()
+            self._log_outcome(child.job, *recorded, by=" (recorded by the job's side)")
             return
-        self.next_claim = clock()
+        kind, error = child.outcome(stopping=self.stop_signal is not None)
+        seconds = self.clock() - child.started
+        if self.dropping or kind == "dropped":
+            why = error if kind == "dropped" else "its job was handed off when this server began to stop"
+            event("job %d (%s): this run ended after %.2fs but no longer owns the job (%s); nothing "
+                  "recorded, the job's new run decides its outcome", child.job.id, child.job.target, seconds,
+                  why, event="dropped", job=child.job.id)
+            return
+        self.next_claim = self.clock()
         self.pending.append((child.job, kind, error))
         self.record_pending()
 
@@ -333,33 +360,26 @@ class Supervisor:
             self.pending.pop(0)
 
     def _record(self, job, kind: str, error: str | None) -> None:
-        storage, sid = self.storage, self.server_id
-        if kind == "succeeded":
-            state = "succeeded" if storage.complete(job.id, job.lease, sid) else "stale"
-        elif kind == "handoff":
-            state = storage.give_back(job.id, job.lease, sid, error or "handed off by the job")
-        else:
-            state = storage.fail(
-                job.id, job.lease, sid, error or "failed", retry=kind != "refused",
-                retry_backoff=self.config.jobs.retry_backoff,
-            )
-        if state == "stale":
-            event("job %d: stale write dropped (lease %d is no longer current)", job.id, job.lease,
-                  level=logging.WARNING, event="stale_write", job=job.id)
-        else:
-            summary = f": {error.strip().splitlines()[-1]}" if error and state != "succeeded" else ""
-            event("job %d (%s) %s -> %s%s", job.id, job.target, kind, state, summary,
-                  event=kind, job=job.id, state=state)
+        state = write_outcome(self.storage, job, self.server_id, kind, error, self.config.jobs.retry_backoff)
+        self._log_outcome(job, kind, error, state)
+
+    def _log_outcome(self, job, kind: str, error: str | None, state: str, by: str = "") -> None:
+        level = logging.INFO if state in ("succeeded", "enqueued") else logging.WARNING
+        event("job %d (%s) %s%s", job.id, job.target, describe_outcome(job, kind, state, error), by,
+              level=level, event="stale_write" if state == "stale" else kind, job=job.id, state=state)
 
     # --- heartbeat ------------------------------------------------------------------------
 
     def beat(self) -> None:
-        """Heartbeat, renew the children's deadline, reap dead servers,
-        promote due jobs, enforce memory limits; fence ourselves when we
-        cannot prove we are alive."""
+        """Once per heartbeat_interval: enforce memory limits (the database
+        is not needed for that); heartbeat and renew the children's
+        deadline, or fence ourselves when we cannot prove we are alive;
+        then kill runs whose lease an operator took, reap dead servers,
+        promote due jobs, record pending outcomes and sweep old ones."""
         server = self.config.server
-        sent = clock()
+        sent = self.clock()
         self.next_beat = sent + server.heartbeat_interval
+        self._enforce_memory_limit()
         try:
             state = self.storage.heartbeat(self.server_id)
         except StorageUnavailable as exc:
@@ -376,7 +396,14 @@ class Supervisor:
         for child in self.running.values():
             child.renew(self.fence_deadline())
         self._kill_runs_of_lost_jobs()
-        self._housekeeping()
+        try:
+            self._reap_dead_servers()  # invariant 1: a dead server's jobs are requeued
+            self.storage.promote_due()
+            self.record_pending()
+            self._sweep_when_due()
+        except StorageUnavailable as exc:
+            event("reaping, promotion and retention skipped until the next heartbeat: %s", exc,
+                  level=logging.WARNING, event="db_unreachable")
 
     def _record_quiet(self) -> None:
         """Make a SIGTSTP durable, so `status` shows it and a restart of the
@@ -398,7 +425,7 @@ class Supervisor:
         else:
             event("server %s is no longer quiet: claiming again", self.config.server.name,
                   event="unquiet", server=self.server_id)
-            self.next_claim = clock()
+            self.next_claim = self.clock()
 
     def _kill_runs_of_lost_jobs(self) -> None:
         """An operator may requeue or delete a job while it runs here; its
@@ -417,10 +444,10 @@ class Supervisor:
 
     def _beat_failed(self, exc) -> None:
         if self.beat_failing_since is None:
-            self.beat_failing_since = clock()
+            self.beat_failing_since = self.clock()
             event("cannot heartbeat: %s; children stop in %.1fs unless it recovers",
-                  exc, max(0.0, self.fence_deadline() - clock()), level=logging.WARNING, event="db_unreachable")
-        if not self.fenced and clock() >= self.fence_deadline():
+                  exc, max(0.0, self.fence_deadline() - self.clock()), level=logging.WARNING, event="db_unreachable")
+        if not self.fenced and self.clock() >= self.fence_deadline():
             event("no heartbeat for too long: killing all children (another server may take their jobs)",
                   level=logging.ERROR, event="fenced")
             self.kill_all("fenced: could not heartbeat")
@@ -431,6 +458,10 @@ class Supervisor:
         """Someone decided this server is finished (or we fenced ourselves).
         Kill the children at once; their jobs belong to others now."""
         self.kill_all(f"server is {state}")
+        if state in ("dead", None):
+            event("server %s was declared dead: its heartbeat was older than dead_after (a partition "
+                  "or an outage?) and other servers took its jobs; registering anew", self.server_id,
+                  level=logging.WARNING, event="declared_dead", server=self.server_id)
         if state in ("stopping", "stopped"):
             event("server %s was handed off from outside (state %s): exiting", self.server_id, state,
                   level=logging.WARNING, event="handed_off", server=self.server_id)
@@ -452,16 +483,40 @@ class Supervisor:
         except StorageUnavailable as exc:
             event("cannot register again yet: %s", exc, level=logging.WARNING, event="db_unreachable")
 
+    # --- verbs of the shutdown sequence (shutdown.py calls them in order) ---------------
+
+    def stop_claiming(self) -> None:
+        self.claiming = False
+
+    def ignore_outcomes(self) -> None:
+        """From the handoff commit on, what the children do is not ours to record."""
+        self.dropping = True
+
+    def notice_stop_to_children(self) -> None:
+        """The drain's stop notice: `current_job().stopping`, SIGTERM for commands."""
+        for child in self.running.values():
+            child.notice_stop()
+
+    def signal_children(self, sig: int) -> None:
+        for child in self.running.values():
+            signal_group(child.pid, sig)
+
+    def stop_reason(self) -> str:
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "a stop request"
+        return f"server {self.config.server.name} ({self.server_id}) received {name}"
+
     def kill_all(self, reason: str) -> None:
         """SIGKILL every child's tree now and drop their outcomes."""
         dropping, self.dropping = self.dropping, True
         try:
             # One walk of our whole tree, not one per child: each walk reads
-            # /proc for every process on the host.
-            kill_tree(os.getpid(), include_root=False)
+            # /proc for every process on the host. We are a subreaper: with
+            # no child at all, nothing is below us.
+            if has_children():
+                kill_tree(os.getpid(), include_root=False)
             for child in self.running.values():
                 signal_group(child.pid, signal.SIGKILL)
-            self._reap_everything(clock() + KILL_REAP_TIMEOUT_S)
+            self._reap_everything(self.clock() + KILL_REAP_TIMEOUT_S)
         finally:
             self.dropping = dropping
         for child in self.running.values():
@@ -471,34 +526,34 @@ class Supervisor:
     def _reap_everything(self, deadline: float) -> None:
         """Collect our children and every orphan that re-parented to us, so
         none is left a zombie for init when we exit."""
-        while clock() < deadline:
+        while self.clock() < deadline:
             self.collect_children()
             if not has_children():
                 return  # nothing at all left below us
-            self.wait(min(0.01, deadline - clock()))  # SIGCHLD wakes us sooner
+            self.wait(min(0.01, deadline - self.clock()))  # SIGCHLD wakes us sooner
 
     def wait_for_children(self, deadline: float, hurry_ends_wait: bool = False) -> None:
         """Collect children until none is left or `deadline` passes."""
-        while self.running and clock() < deadline and not (hurry_ends_wait and self.hurry):
-            self.wait(deadline - clock())
+        while self.running and self.clock() < deadline and not (hurry_ends_wait and self.hurry):
+            self.wait(deadline - self.clock())
             self.collect_children()
 
-    def _housekeeping(self) -> None:
-        storage = self.storage
-        try:
-            for taken in storage.reap():
-                event("job %d requeued: its server stopped heartbeating", taken.id,
-                      event="reaped", job=taken.id)
-            storage.promote_due()
-            self.record_pending()
-            if clock() >= self.next_sweep:
-                self.next_sweep = clock() + SWEEP_EVERY_S
-                removed = storage.sweep(self.config.jobs.keep_finished)
-                if removed:
-                    event("retention: deleted %d finished jobs", removed, event="sweep")
-        except StorageUnavailable as exc:
-            event("housekeeping skipped: %s", exc, level=logging.WARNING, event="db_unreachable")
-        self._enforce_memory_limit()
+    def _reap_dead_servers(self) -> None:
+        """Requeue the jobs of every server whose heartbeat is older than
+        its dead_after (by the database clock), here as on every server."""
+        for taken in self.storage.reap():
+            what = "failed: past max_interruptions" if taken.failed else "requeued"
+            event("job %d %s: its server %s stopped heartbeating", taken.id, what, taken.server,
+                  event="reaped", job=taken.id, server=taken.server)
+
+    def _sweep_when_due(self) -> None:
+        """Retention: delete jobs finished more than jobs.keep_finished ago."""
+        if self.clock() < self.next_sweep:
+            return
+        self.next_sweep = self.clock() + SWEEP_EVERY_S
+        removed = self.storage.sweep(self.config.jobs.keep_finished)
+        if removed:
+            event("retention: deleted %d finished jobs", removed, event="sweep")
 
     def _enforce_memory_limit(self) -> None:
         limit = self.config.jobs.memory_limit
@@ -514,6 +569,26 @@ class Supervisor:
                 kill_tree(child.pid)
                 event("job %d killed: %s", child.job.id, child.kill_reason, level=logging.WARNING,
                       event="memory_limit", job=child.job.id)
+
+
+def describe_outcome(job, kind: str, state: str, error: str | None) -> str:
+    """What happened to a run, why, and what comes next, in one phrase."""
+    why = f": {error.strip().splitlines()[-1]}" if error and error.strip() else ""
+    attempt = f"attempt {job.attempts} of {job.max_attempts}"
+    if state == "stale":
+        return (f"run ended '{kind}', not recorded: lease {job.lease} is no longer current (the job was "
+                f"handed off, reaped or requeued, and belongs to another run)")
+    if state == "succeeded":
+        return "succeeded"
+    if kind == "handoff":
+        nxt = "back in the queue, to resume elsewhere" if state == "enqueued" else (
+            "failed: interrupted more often than max_interruptions allows")
+        return f"handed off{why}; {nxt}"
+    if state == "scheduled":
+        return f"failed ({attempt}){why}; a retry is scheduled"
+    if kind == "refused":
+        return f"refused{why}; failed without a retry"
+    return f"failed for good ({attempt}){why}"
 
 
 def run_supervisor(config: Config) -> int:

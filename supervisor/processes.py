@@ -131,20 +131,16 @@ def signal_group(pgid: int, sig: int) -> None:
 
 def kill_tree(pid: int, include_root: bool = True) -> list[int]:
     """SIGKILL `pid`'s process group and every process below it, including
-    those that left the group (setsid). Returns the pids signalled. The
-    tree is listed before anything is killed, so nothing re-parents away
-    mid-walk."""
+    those that left the group (setsid). The tree is listed before anything
+    is killed, so nothing re-parents away mid-walk."""
     victims = descendants(pid)
     if include_root:
         signal_group(pid, signal.SIGKILL)
-    killed = []
     for proc in victims:
         try:
             proc.kill()
-            killed.append(proc.pid)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return killed
 
 
 def tree_rss(pid: int) -> int:

@@ -3,10 +3,15 @@
 from datetime import datetime
 
 from supervisor.config import Config, load_config
-from supervisor.database import ensure_schema, make_engine, mask_url, missing_sqlite_file
-from supervisor.records import JOB_STATES, Job, Server
+from supervisor.database import command_bounds, ensure_schema, make_engine, mask_url, missing_sqlite_file
+from supervisor.errors import ActionRefused, JobNotFound, UnknownServer
 from supervisor.jobspec import new_job
-from supervisor.storage import Storage
+from supervisor.records import JOB_STATES, Job, QueueSummary, Server
+from supervisor.storage import COUNTED_STATES, EventHistogram, JobFilter, JobPage, Storage
+
+# The job events the dashboard charts and /metrics counts.
+WATCHED_EVENTS = ("succeeded", "failed", "handed_off", "reaped", "stale_write")
+BULK_LIMIT = 10_000  # jobs one "requeue every match" action may touch
 
 
 class Queue:
@@ -24,7 +29,8 @@ class Queue:
         self.config = defaults or Config()
         if not create:
             missing_sqlite_file(url)
-        self.engine = make_engine(url, pre_ping=True)
+        server = self.config.server
+        self.engine = make_engine(url, pre_ping=True, bounds=command_bounds(server.heartbeat_interval, server.dead_after))
         try:
             ensure_schema(self.engine, create=create)
         except BaseException:
@@ -140,6 +146,69 @@ class Queue:
 
     def delete(self, job_id: int) -> None:
         self.storage.delete(job_id)
+
+    def requeue_matching(self, which: JobFilter, force: bool = False, limit: int = BULK_LIMIT) -> dict:
+        """Requeue every job matching `which` (up to `limit`), one
+        requeue() each: the same fenced verb as for one job. Succeeded
+        jobs are refused unless `force`. Returns the ids requeued, refused
+        and gone (deleted meanwhile)."""
+        done: dict[str, list[int]] = {"requeued": [], "refused": [], "gone": []}
+        for job_id in self.storage.job_ids(which, limit):
+            try:
+                self.storage.requeue(job_id, force=force)
+                done["requeued"].append(job_id)
+            except ActionRefused:
+                done["refused"].append(job_id)
+            except JobNotFound:
+                done["gone"].append(job_id)
+        return done
+
+    # what the dashboard and /metrics read -----------------------------------
+
+    def job_page(self, which: JobFilter | None = None, before: int | None = None, limit: int = 50) -> JobPage:
+        """A page of jobs, newest first: see Storage.job_page."""
+        return self.storage.job_page(which or JobFilter(), before=before, limit=limit)
+
+    def server(self, server_id: str) -> Server:
+        """One server by id or name (the newest of that name), or UnknownServer."""
+        for found in self.storage.servers():
+            if server_id in (found.id, found.name):
+                return found
+        raise UnknownServer(f"no server is named {server_id}")
+
+    def queue_summaries(self) -> list[QueueSummary]:
+        """Every queue that has jobs needing attention, is served by a live
+        server, or is paused: its counts (Storage.active_counts), the age
+        of its oldest due job and whether it is paused. Bounded: no query
+        here reads finished jobs."""
+        counts = self.storage.active_counts()
+        oldest = self.storage.oldest_due()
+        paused = self.paused_queues()
+        served = {name for s in self.storage.servers(states=("running", "stopping")) for name in s.queues}
+        names = sorted(set(counts) | served | paused)
+        empty = dict.fromkeys(COUNTED_STATES, 0)
+        return [
+            QueueSummary(name=name, counts=counts.get(name, empty), oldest_due_age=oldest.get(name),
+                         paused=name in paused)
+            for name in names
+        ]
+
+    def pause(self, queue: str) -> bool:
+        """Pause `queue`: every server stops claiming its jobs from the
+        commit on; they stay enqueued (running ones go on). False if it was
+        paused already."""
+        return self.storage.pause_queue(queue)
+
+    def resume(self, queue: str) -> bool:
+        """Let servers claim `queue`'s jobs again. False if it was not paused."""
+        return self.storage.resume_queue(queue)
+
+    def paused_queues(self) -> set[str]:
+        return self.storage.paused_queues()
+
+    def event_histogram(self, span: float = 3600.0, buckets: int = 60) -> EventHistogram:
+        """The last `span` seconds of WATCHED_EVENTS, counted in `buckets`."""
+        return self.storage.event_histogram(span, buckets, WATCHED_EVENTS)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -172,3 +172,13 @@ class Server:
         """The state as people read it: a running server asked not to claim
         is `quiet` (stored as `running` plus a flag, see tables.py)."""
         return "quiet" if self.quiet and self.state == "running" else self.state
+
+
+@dataclass(frozen=True)
+class QueueSummary:
+    """One queue as the dashboard shows it."""
+
+    name: str
+    counts: dict[str, int]  # by state, for storage.COUNTED_STATES
+    oldest_due_age: float | None  # seconds the oldest due job has waited; None: none due
+    paused: bool = False

@@ -11,16 +11,16 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import and_, delete, exists, false, func, insert, or_, select, text, tuple_, update
+from sqlalchemy import Integer, and_, cast, delete, exists, false, func, insert, or_, select, text, tuple_, update
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from supervisor.database import unavailable
 from supervisor.dbtime import db_now
-from supervisor.errors import ActionRefused, JobNotFound
-from supervisor.jobspec import NewJob
+from supervisor.errors import ActionRefused, InvalidFilter, JobNotFound
+from supervisor.jobspec import QUEUE_NAME, NewJob
 from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
-from supervisor.tables import events, jobs, servers
+from supervisor.tables import events, jobs, queues as queue_settings, servers
 
 MAX_ERROR_CHARS = 64_000
 LIVE_SERVER_STATES = ("running", "stopping")
@@ -38,6 +38,85 @@ class Requeued:
     lease: int
     failed: bool  # True when it was past max_interruptions and failed instead
     server: str | None = None  # the server it was taken from
+
+
+SCAN_WINDOW = 100_000  # job ids a target or text filter looks at per page
+COUNTED_STATES = ("enqueued", "scheduled", "processing", "failed")
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a list or a bulk action means; every field optional.
+    Build it with JobFilter.parse() from untrusted input."""
+
+    state: str | None = None
+    queue: str | None = None
+    target: str | None = None
+    text: str | None = None  # a substring of the JSON arguments
+    server: str | None = None  # a server id: the jobs it runs
+
+    @classmethod
+    def parse(cls, state=None, queue=None, target=None, text=None, server=None) -> "JobFilter":
+        """A filter from user input (empty means unset), or InvalidFilter."""
+        state, queue, target, text, server = (
+            (value.strip() or None) if isinstance(value, str) else value
+            for value in (state, queue, target, text, server)
+        )
+        if state is not None and state not in JOB_STATES:
+            raise InvalidFilter(f"state {state!r} is not one of {', '.join(JOB_STATES)}")
+        if queue is not None and not QUEUE_NAME.match(queue):
+            raise InvalidFilter(f"queue {queue!r} is not a valid queue name")
+        for name, value, longest in (("target", target, 1000), ("text", text, 200), ("server", server, 32)):
+            if value is not None and len(value) > longest:
+                raise InvalidFilter(f"{name} is longer than {longest} characters")
+        return cls(state, queue, target, text, server)
+
+    @property
+    def needs_window(self) -> bool:
+        """True when no index serves the filter (see Storage.job_page)."""
+        return self.target is not None or self.text is not None
+
+    def conditions(self) -> list:
+        where = []
+        if self.state is not None:
+            where.append(jobs.c.state == self.state)
+        if self.queue is not None:
+            where.append(jobs.c.queue == self.queue)
+        if self.server is not None:
+            where.append(jobs.c.server_id == self.server)
+        if self.target is not None:
+            where.append(jobs.c.target == self.target)
+        if self.text is not None:
+            # A literal substring: % and _ typed by a person match themselves.
+            escaped = self.text.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+            where.append(jobs.c.args.like(f"%{escaped}%", escape="!") |
+                         jobs.c.kwargs.like(f"%{escaped}%", escape="!"))
+        return where
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in (("state", self.state), ("queue", self.queue), ("target", self.target),
+                                  ("text", self.text), ("server", self.server)) if v is not None}
+
+
+@dataclass(frozen=True)
+class JobPage:
+    jobs: list[Job]
+    next_before: int | None  # pass as `before` for the next page; None: no more
+    searched_to: int | None  # set when a windowed search stopped at this id
+
+
+@dataclass(frozen=True)
+class EventHistogram:
+    start: float  # epoch seconds of the first bucket's start
+    width: float  # seconds per bucket
+    counts: dict[str, list[int]]  # kind -> count per bucket, oldest first
+
+
+@dataclass(frozen=True)
+class EventDelta:
+    last_id: int
+    counts: dict[str, int]
+    run_times: list[float]
 
 
 # --- the verbs -----------------------------------------------------------------
@@ -220,9 +299,15 @@ class Storage:
             ).first()
             if server is None or server.state != "running" or server.quiet:
                 return []
+            # A paused queue's jobs stay enqueued. The paused set is read in
+            # this claiming transaction, so every server honours a pause
+            # from its commit on, with nothing to restart or notify.
+            open_queues = self._unpaused(conn, queues)
+            if not open_queues:
+                return []
             due = (
                 select(jobs.c.id)
-                .where(_due(queues), *self._left_to_others(conn, release, queues))
+                .where(_due(open_queues), *self._left_to_others(conn, release, open_queues))
                 .order_by(jobs.c.priority.desc(), jobs.c.id)
                 .limit(limit)
             )
@@ -257,8 +342,9 @@ class Storage:
 
     def _anything_due(self, queues, release: str | None = None) -> bool:
         with self._read() as conn:
-            return conn.execute(
-                select(jobs.c.id).where(_due(queues), *self._left_to_others(conn, release, queues)).limit(1)
+            open_queues = self._unpaused(conn, queues)
+            return bool(open_queues) and conn.execute(
+                select(jobs.c.id).where(_due(open_queues), *self._left_to_others(conn, release, open_queues)).limit(1)
             ).first() is not None
 
     def _left_to_others(self, conn, release: str | None, queues) -> list:
@@ -293,6 +379,59 @@ class Storage:
                 jobs.c.queue.not_in(covered),
             )
         ]
+
+    def _unpaused(self, conn, queues) -> list[str]:
+        """Of `queues`, those not paused."""
+        wanted = list(queues)
+        paused = set(conn.execute(
+            select(queue_settings.c.name).where(queue_settings.c.name.in_(wanted), queue_settings.c.paused)
+        ).scalars())
+        return [name for name in wanted if name not in paused]
+
+    # pausing queues ------------------------------------------------------------
+
+    def pause_queue(self, name: str) -> bool:
+        """Pause a queue: no server claims its jobs, which stay `enqueued`
+        (jobs already running go on). One transaction; claims read it in
+        theirs, so it holds for every server from the commit on. Returns
+        False when it was paused already."""
+        return self._set_paused(name, True)
+
+    def resume_queue(self, name: str) -> bool:
+        """Let servers claim a paused queue's jobs again, from the commit on.
+        Returns False when it was not paused."""
+        return self._set_paused(name, False)
+
+    def paused_queues(self) -> set[str]:
+        """The names of the paused queues."""
+        with self._read() as conn:
+            return set(conn.execute(select(queue_settings.c.name).where(queue_settings.c.paused)).scalars())
+
+    def _set_paused(self, name: str, paused: bool) -> bool:
+        if not isinstance(name, str) or not QUEUE_NAME.match(name):
+            raise InvalidFilter(f"queue name {name!r} is not valid: 1-200 of letters, digits and _ . : @ / -")
+        try:
+            return self._write_paused(name, paused)
+        except IntegrityError:
+            # Two first-ever pauses of one queue inserted its row at once:
+            # the row exists now, so the second try is a plain update.
+            return self._write_paused(name, paused)
+
+    def _write_paused(self, name: str, paused: bool) -> bool:
+        with self._write() as conn:
+            was = conn.execute(
+                self._for_update(select(queue_settings.c.paused).where(queue_settings.c.name == name))
+            ).scalar_one_or_none()
+            if bool(was) == paused:
+                return False
+            if was is None:
+                conn.execute(insert(queue_settings).values(name=name, paused=paused, changed_at=db_now()))
+            else:
+                conn.execute(update(queue_settings).where(queue_settings.c.name == name)
+                             .values(paused=paused, changed_at=db_now()))
+            if not paused:
+                self._wake(conn)  # idle servers may claim its jobs now
+            return True
 
     def _fenced(self, job_id: int, lease: int):
         """The row of a job still processing under this lease."""
@@ -526,20 +665,17 @@ class Storage:
     def lost_leases(self, server_id: str, leases: dict[int, int]) -> list[int]:
         """Of the jobs this server runs ({id: lease}), those it does not
         hold any more (an operator requeued or deleted them): their runs
-        must be killed."""
+        must be killed. Every way of taking a job from a run bumps its
+        lease or deletes it; a job that left `processing` under the same
+        lease was finished by its own run (which records its outcome
+        itself, see outcomes.py), and is not lost."""
         if not leases:
             return []
         with self._read() as conn:
-            held = {
-                (row.id, row.lease)
-                for row in conn.execute(
-                    select(jobs.c.id, jobs.c.lease).where(
-                        jobs.c.id.in_(list(leases)), jobs.c.server_id == server_id,
-                        jobs.c.state == "processing",
-                    )
-                )
-            }
-        return [job_id for job_id, lease in leases.items() if (job_id, lease) not in held]
+            current = dict(
+                conn.execute(select(jobs.c.id, jobs.c.lease).where(jobs.c.id.in_(list(leases)))).all()
+            )
+        return [job_id for job_id, lease in leases.items() if current.get(job_id) != lease]
 
     def promote_due(self) -> int:
         """Scheduled jobs whose time has come become `enqueued`."""
@@ -604,6 +740,135 @@ class Storage:
         for queue, state, count in rows:
             by_queue.setdefault(queue, dict.fromkeys(JOB_STATES, 0))[state] = count
         return by_queue
+
+    # dashboard and metrics reads: each bounded, whatever the table holds --
+
+    def job_page(self, which: "JobFilter", before: int | None = None, limit: int = 50) -> "JobPage":
+        """One page of jobs matching `which`, newest first, with ids below
+        `before` (keyset pagination: no OFFSET, so page 1000 costs what page
+        1 does). State, queue and server are served by indexes. A target or
+        text filter has no index (text is a substring of the JSON
+        arguments), so it looks at no more than SCAN_WINDOW ids below
+        `before`; the page then says where it stopped and `next_before`
+        continues from there. Either way a page reads a bounded number of
+        rows, with a million finished jobs in the table too."""
+        query = select(jobs).order_by(jobs.c.id.desc()).limit(limit + 1)
+        query = query.where(*which.conditions())
+        top = before
+        if which.needs_window:
+            if top is None:
+                top = (self._max_job_id() or 0) + 1
+            query = query.where(jobs.c.id >= top - SCAN_WINDOW)
+        if top is not None:
+            query = query.where(jobs.c.id < top)
+        with self._read() as conn:
+            rows = conn.execute(query).all()
+        found = [Job.from_row(row) for row in rows[:limit]]
+        if len(rows) > limit:
+            return JobPage(found, next_before=found[-1].id, searched_to=None)
+        if which.needs_window and top - SCAN_WINDOW > 1:
+            return JobPage(found, next_before=top - SCAN_WINDOW, searched_to=top - SCAN_WINDOW)
+        return JobPage(found, next_before=None, searched_to=None)
+
+    def _max_job_id(self) -> int | None:
+        with self._read() as conn:
+            return conn.execute(select(func.max(jobs.c.id))).scalar_one_or_none()
+
+    def active_counts(self) -> dict[str, dict[str, int]]:
+        """Job counts by queue for the states that need attention
+        (COUNTED_STATES: enqueued, scheduled, processing, failed), every one
+        of them listed. Succeeded jobs are left out on purpose: counting
+        them reads every finished row (a full scan: 0.3 s with a million
+        on PostgreSQL), while these states are an index range; completions
+        are counted as events instead (events_since)."""
+        with self._read() as conn:
+            rows = conn.execute(
+                select(jobs.c.queue, jobs.c.state, func.count())
+                .where(jobs.c.state.in_(COUNTED_STATES))
+                .group_by(jobs.c.queue, jobs.c.state)
+            ).all()
+        by_queue: dict[str, dict[str, int]] = {}
+        for queue, state, count in rows:
+            by_queue.setdefault(queue, dict.fromkeys(COUNTED_STATES, 0))[state] = count
+        return by_queue
+
+    def oldest_due(self) -> dict[str, float]:
+        """Per queue, how long its oldest due job (`enqueued`, run_at
+        passed) has waited, in seconds by the database clock. Reads only the
+        enqueued rows (an index range): the backlog, not the history."""
+        with self._read() as conn:
+            now = conn.execute(select(db_now())).scalar_one()
+            rows = conn.execute(
+                select(jobs.c.queue, func.min(jobs.c.run_at))
+                .where(jobs.c.state == "enqueued", jobs.c.run_at <= now)
+                .group_by(jobs.c.queue)
+            ).all()
+        return {queue: max(0.0, now - oldest) for queue, oldest in rows}
+
+    def event_histogram(self, span: float, buckets: int, kinds) -> "EventHistogram":
+        """Events of `kinds` over the last `span` seconds, counted in
+        `buckets` equal slices (oldest first), by the database. Reads the
+        index on `at` over that span only."""
+        width = span / buckets
+        with self._read() as conn:
+            start = conn.execute(select(db_now())).scalar_one() - span
+            slices = (events.c.at - start) / width
+            # SQLite may lack floor(); there at >= start, so a cast truncates
+            # alike. (MySQL's cast rounds, so it gets floor().)
+            bucket = cast(slices, Integer) if self.engine.dialect.name == "sqlite" else func.floor(slices)
+            rows = conn.execute(
+                select(events.c.kind, bucket, func.count())
+                .where(events.c.at >= start, events.c.kind.in_(list(kinds)))
+                .group_by(events.c.kind, bucket)
+            ).all()
+        counts = {kind: [0] * buckets for kind in kinds}
+        for kind, index, count in rows:
+            counts[kind][min(buckets - 1, max(0, int(index)))] += count
+        return EventHistogram(start=start, width=width, counts=counts)
+
+    def last_event_id(self) -> int:
+        """The id of the newest event (0 when there is none): where an
+        events_since() reader starts counting."""
+        with self._read() as conn:
+            return conn.execute(select(func.max(events.c.id))).scalar_one_or_none() or 0
+
+    def events_since(self, after_id: int, limit: int = 20_000) -> "EventDelta":
+        """Events with ids in (after_id, after_id + limit]: their count by
+        kind, and the run time (finished_at - started_at of the final run)
+        of each job they finished. A reader that passes the returned
+        last_id back reads each event once: a primary-key range as long as
+        the activity since its last call, and one job lookup by id per
+        finished job."""
+        with self._read() as conn:
+            newest = conn.execute(select(func.max(events.c.id))).scalar_one_or_none() or 0
+            upto = min(newest, after_id + limit)
+            if upto <= after_id:
+                return EventDelta(last_id=after_id, counts={}, run_times=[])
+            in_range = and_(events.c.id > after_id, events.c.id <= upto)
+            counts = dict(conn.execute(
+                select(events.c.kind, func.count()).where(in_range).group_by(events.c.kind)
+            ).all())
+            finished = conn.execute(
+                select(events.c.job_id).where(in_range, events.c.kind.in_(FINISHED_STATES))
+            ).scalars().all()
+            # Looked up by id, in slices: joined instead, a planner may
+            # choose to scan every job to hash-join a few thousand.
+            run_times = []
+            for start in range(0, len(finished), 1000):
+                run_times += conn.execute(
+                    select(jobs.c.finished_at - jobs.c.started_at)
+                    .where(jobs.c.id.in_(finished[start:start + 1000]),
+                           jobs.c.started_at.is_not(None), jobs.c.finished_at.is_not(None))
+                ).scalars().all()
+        return EventDelta(last_id=upto, counts=counts, run_times=[max(0.0, t) for t in run_times])
+
+    def job_ids(self, which: "JobFilter", limit: int) -> list[int]:
+        """Ids of up to `limit` jobs matching `which`, newest first (for
+        actions on every job of a filter). Unlike job_page(), a target or
+        text filter is not windowed: the action is meant for all of them."""
+        query = select(jobs.c.id).where(*which.conditions()).order_by(jobs.c.id.desc()).limit(limit)
+        with self._read() as conn:
+            return list(conn.execute(query).scalars())
 
     def requeue(self, job_id: int, force: bool = False) -> Job:
         """Put a job back in the queue, with a new lease (so a run still

@@ -9,6 +9,8 @@ poll (server.poll_interval) finds the jobs.
 
 import logging
 
+from sqlalchemy.exc import DBAPIError
+
 from supervisor.logs import event
 from supervisor.processes import clock
 from supervisor.storage import WAKE_CHANNEL
@@ -22,33 +24,46 @@ class Wakeups:
         self.enabled = engine.dialect.name == "postgresql"
         self.connection = None
         self.retry_at = 0.0
+        self.warned = False  # told the operator that wake-ups are off
+
+    def listen(self) -> None:
+        """Open the LISTEN connection if there is none (at most once per
+        RETRY_EVERY_S while it fails). Failing is said at WARNING once: an
+        operator must know that new jobs wait for the poll meanwhile."""
+        if not self.enabled or self.connection is not None or clock() < self.retry_at:
+            return
+        self.retry_at = clock() + RETRY_EVERY_S
+        import psycopg  # only ever enabled on PostgreSQL, whose extra brings it
+
+        try:
+            raw = self.engine.raw_connection()
+            driver = raw.driver_connection
+            raw.detach()  # ours for good, never handed back to the pool
+            driver.autocommit = True
+            driver.execute(f"LISTEN {WAKE_CHANNEL}")
+        except (DBAPIError, psycopg.Error, OSError) as exc:
+            if not self.warned:
+                event("cannot listen for new jobs (%s); PostgreSQL wake-ups are off, new jobs are "
+                      "found by polling every server.poll_interval until it works again", exc,
+                      level=logging.WARNING, event="listen_failed")
+                self.warned = True
+            return
+        self.connection = driver
+        if self.warned:
+            event("listening for new jobs again", event="listening")
+            self.warned = False
 
     def fileno(self) -> int | None:
-        """The socket to watch, connecting (again) if needed; None when
-        there is none, in which case polling alone finds new jobs."""
-        if not self.enabled:
-            return None
-        if self.connection is None:
-            if clock() < self.retry_at:
-                return None
-            self.retry_at = clock() + RETRY_EVERY_S
-            try:
-                raw = self.engine.raw_connection()
-                driver = raw.driver_connection
-                raw.detach()  # ours for good, never handed back to the pool
-                driver.autocommit = True
-                driver.execute(f"LISTEN {WAKE_CHANNEL}")
-                self.connection = driver
-            except Exception as exc:  # the database may be down: poll meanwhile
-                event("cannot listen for new jobs (%s); polling only", exc,
-                      level=logging.DEBUG, event="listen_failed")
-                return None
-        return self.connection.pgconn.socket
+        """The socket to watch; None when there is none, in which case
+        polling alone finds new jobs."""
+        return None if self.connection is None else self.connection.pgconn.socket
 
     def drain(self) -> bool:
         """Consume pending notifications; True if any arrived."""
         if self.connection is None:
             return False
+        import psycopg
+
         pgconn = self.connection.pgconn
         try:
             pgconn.consume_input()
@@ -56,14 +71,16 @@ class Wakeups:
             while pgconn.notifies() is not None:
                 woke = True
             return woke
-        except Exception:  # the connection broke: listen again next time
+        except psycopg.Error:  # the connection broke: listen again next time
             self.close()
             return True
 
     def close(self) -> None:
         if self.connection is not None:
+            import psycopg
+
             try:
                 self.connection.close()
-            except Exception:
+            except (psycopg.Error, OSError):
                 pass
             self.connection = None

@@ -171,6 +171,15 @@ def finish_after(record_dir, seconds):
     _log(record_dir, f"job-{job.id}.done", str(os.getpid()))
 
 
+def until_file(record_dir, name, timeout=60.0):
+    """Run until the test creates `name` in `record_dir` (so a test can
+    look at the job while it runs, without racing its end)."""
+    job = _start(record_dir)
+    deadline = time.monotonic() + timeout
+    while not (Path(record_dir) / name).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def steps_until_told(record_dir, step_seconds=0.1):
     """CPU-bound steps, checkpointing after each and resuming where the
     checkpoint says, until the file `finish` appears in `record_dir`: a job

@@ -12,6 +12,7 @@ from conftest import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(290)  # ~40 s on a quiet machine; the subprocess has its own bound
 def test_the_quick_benchmarks_run_and_print_one_json_line_per_measurement():
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "run", "--quick", "--db", "sqlite,postgresql"],

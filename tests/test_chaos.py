@@ -1,5 +1,6 @@
 """Short versions of the chaos and load runs (chaos/): real supervisors under
-SIGTERM, SIGKILL, SIGSTOP, outside handoffs, a database restart and outage;
+SIGTERM, SIGKILL, SIGSTOP, outside handoffs, a database restart and outage,
+a network partition of one supervisor (PostgreSQL);
 then every invariant is checked by the script itself, which exits non-zero
 and lists violations on any breach. The full runs are
 `python -m chaos run --seconds 90 --jobs 500` and `python -m chaos load`."""
@@ -54,9 +55,12 @@ def test_chaos_on_postgresql_keeps_every_invariant():
     assert sum(report["states"].values()) == 60
     assert report["states"].get("failed", 0) == report["designed_to_fail"]
     assert sum(report["actions"].values()) >= 5
+    restart, black_hole, outage = report["db_faults"]
+    assert black_hole["fault"] == "black_hole" and black_hole["held"] > 2.0, black_hole  # > dead_after
+    assert report["completions"] >= 60  # every job's code completed at least once, by its own records
     if pg_cluster() is not None:  # the restart and the outage really happened
-        assert [f["fault"] for f in report["db_faults"]] == ["restart", "outage"]
-        assert all(f.get("ready") for f in report["db_faults"]), report["db_faults"]
+        assert [restart["fault"], outage["fault"]] == ["restart", "outage"]
+        assert restart.get("ready") and outage.get("ready"), report["db_faults"]
 
 
 @pytest.mark.timeout(240)

@@ -308,7 +308,7 @@ def test_status_on_an_empty_queue_lists_every_state(db):
     data = ok_json("status")
     check_status(data)
     assert data == {"servers": [], "counts": dict.fromkeys(JOB_STATES, 0), "queues": {},
-                    "database": mask_url(db)}
+                    "database": mask_url(db), "paused": []}
 
 
 def test_job_that_does_not_exist(db):
@@ -440,7 +440,7 @@ def test_config_check_masks_the_password(tmp_path):
 def test_config_check_without_a_file_shows_the_defaults():
     data = ok_json("config", "check")
     assert data["source"] is None and data["config"]["database"]["url"] == "sqlite:///shiftchange.db"
-    assert set(data["config"]) == {"database", "server", "shutdown", "jobs", "log"}
+    assert set(data["config"]) == {"database", "server", "shutdown", "jobs", "log", "dashboard"}
 
 
 def test_an_unreachable_database_is_a_runtime_failure(tmp_path):

@@ -12,16 +12,13 @@ import os
 import re
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
-from harness import read_lines, wait_for
+from harness import alive, events_of, read_lines, runs, shiftchange, wait_for
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner
 
@@ -40,21 +37,8 @@ SQL = "'; DROP TABLE shiftchange_jobs; --"
 # --- helpers -------------------------------------------------------------------------
 
 
-def clean_env(**extra) -> dict:
-    """The environment of a real command: no inherited shiftchange settings,
-    tests/ importable (job modules)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIFTCHANGE_")}
-    env.pop("NOTIFY_SOCKET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
 
 
-def shiftchange(*args, cwd, timeout=60, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor", *args], cwd=cwd, capture_output=True,
-        text=True, timeout=timeout, env=env or clean_env(),
-    )
 
 
 def one_line_error(stderr: str) -> str:
@@ -64,19 +48,10 @@ def one_line_error(stderr: str) -> str:
     return lines[-1]
 
 
-def runs(records, job_id):
-    return read_lines(records / f"job-{job_id}.runs")
 
 
-def alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
 
 
-def events_of(queue, job_id):
-    return [e.kind for e in queue.get(job_id).events]
 
 
 @contextmanager
@@ -90,12 +65,6 @@ def sqlite_write_locked(url: str):
     finally:
         conn.execute("ROLLBACK")
         conn.close()
-
-
-@pytest.fixture
-def queue(e2e_db_url):
-    with Queue(e2e_db_url) as q:
-        yield q
 
 
 @pytest.fixture

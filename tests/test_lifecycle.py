@@ -10,7 +10,7 @@ import sys
 import psutil
 import pytest
 
-from harness import read_lines, wait_for
+from harness import read_lines, runs, wait_for
 from supervisor import Queue
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,6 @@ def any_queue(db_url):
         yield q
 
 
-def runs(records, job_id):
-    return read_lines(records / f"job-{job_id}.runs")
 
 
 def completions(records, job_id):

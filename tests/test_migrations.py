@@ -3,6 +3,9 @@ one is upgraded without hand edits and keeps its jobs, the migrations build
 exactly the schema the code declares, and the compatibility marker that
 older releases read stays where they can run."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
@@ -15,10 +18,13 @@ from supervisor.database import (
     current_revision,
     ensure_schema,
     head_revision,
+    known_revisions,
     make_engine,
+    release_tuple,
     upgrade,
 )
-from supervisor.errors import SchemaOutOfDate
+from supervisor.errors import SchemaOutOfDate, SchemaTooNew, SchemaUpgradeFailed
+from supervisor.storage import Storage
 from supervisor.tables import COMPAT_TABLE, VERSION_TABLE, metadata
 
 
@@ -100,3 +106,150 @@ def test_an_application_alembic_version_table_is_left_alone(engine):
     finally:
         with engine.begin() as conn:
             conn.execute(text("DROP TABLE alembic_version"))
+
+
+# --- expand and contract ----------------------------------------------------------
+
+CONTRACT_STEP = '''"""A test-only contract step: drops a column that 0.1.0 never knew.
+
+Revision ID: 0004
+Revises: 0003
+"""
+
+from alembic import op
+
+revision = "0004"
+down_revision = "0003"
+branch_labels = None
+depends_on = None
+
+additive = False
+oldest_release = "0.2.0"
+oldest_release_head = "0003"
+
+
+def upgrade():
+    with op.batch_alter_table("shiftchange_queues") as batch:
+        batch.drop_column("changed_at")
+'''
+
+
+def set_versions(engine, revision: str, marker: str) -> None:
+    """Make the database look as a newer release left it."""
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = :r"), {"r": revision})
+        conn.execute(text(f"UPDATE {COMPAT_TABLE} SET version_num = :m"), {"m": marker})
+
+
+def test_every_migration_declares_whether_it_only_adds():
+    """A guard for whoever writes the next migration (docs/design.md)."""
+    from supervisor.database import _scripts
+
+    for script in _scripts().walk_revisions():
+        module = script.module
+        assert isinstance(getattr(module, "additive", None), bool), f"{script.revision}: set additive"
+        if not module.additive:
+            assert release_tuple(module.oldest_release) and module.oldest_release_head in known_revisions()
+
+
+def test_a_newer_schema_declared_compatible_is_used_as_it_is(engine, db_url):
+    upgrade(engine)
+    set_versions(engine, "0099", "0002")  # a later release added things
+    ensure_schema(engine)
+    ensure_schema(engine, create=False)
+    assert upgrade(engine) == ("0099", "0099")  # never down, never touched
+    with Queue(db_url) as queue:
+        queue.enqueue("app.tasks:work")
+        assert queue.counts()["enqueued"] == 1
+    assert versions(engine) == ("0099", "0002")
+
+
+def test_a_newer_schema_that_removed_what_this_release_needs_says_upgrade_this_server(engine):
+    upgrade(engine)
+    set_versions(engine, "0099", "0098")  # a contract step left only releases from 0098 on
+    for attempt in (ensure_schema, lambda e: ensure_schema(e, create=False), upgrade):
+        with pytest.raises(SchemaTooNew) as refused:
+            attempt(engine)
+        message = str(refused.value)
+        assert "revision 0099" in message and "upgrade this server" in message, message
+        assert "db upgrade" not in message
+    assert versions(engine) == ("0099", "0098")
+
+
+@pytest.fixture
+def with_contract_step(tmp_path, monkeypatch):
+    """This release's migrations plus a contract step 0004."""
+    from supervisor import database
+
+    scripts = tmp_path / "migrations"
+    shutil.copytree(Path(database.script_location), scripts,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (scripts / "versions" / "0004_contract.py").write_text(CONTRACT_STEP)
+    monkeypatch.setattr(database, "script_location", str(scripts))
+    return scripts
+
+
+def register(engine, name: str, version: str | None) -> str:
+    storage = Storage(engine)
+    server_id = storage.register_server(name=name, host="h1", pid=1, pid_started_at=None,
+                                        queues=["default"], concurrency=1, dead_after=60.0)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE shiftchange_servers SET version = :v WHERE id = :i"),
+                     {"v": version, "i": server_id})
+    return server_id
+
+
+def test_a_contract_step_runs_only_by_db_upgrade_once_no_live_server_needs_what_it_removes(
+        engine, with_contract_step):
+    upgrade(engine, "0003")
+    old = register(engine, "old-pod", None)  # 0.1.0 records no version
+    register(engine, "new-pod", "0.2.0")
+    register(engine, "dev-pod", "0.2.0.dev0")  # a development build counts as its release
+    # A server or producer at start never applies it...
+    with pytest.raises(SchemaOutOfDate, match="revision 0004.*only `shiftchange db upgrade`"):
+        ensure_schema(engine)
+    # ...and db upgrade names what blocks it.
+    with pytest.raises(SchemaUpgradeFailed) as blocked:
+        upgrade(engine)
+    assert "old-pod on h1 (shiftchange 0.1.0)" in str(blocked.value)
+    assert "new-pod" not in str(blocked.value) and "dev-pod" not in str(blocked.value)
+    assert versions(engine) == ("0003", "0002")
+
+    storage = Storage(engine)  # the old pod stops
+    storage.release_handoff(old, storage.handoff([old], hold=0, reason="test"))
+    assert upgrade(engine) == ("0003", "0004")
+    # Release 0.1.0 reads the marker and refuses; 0.2 (head 0003) still runs.
+    assert versions(engine) == ("0004", "0003")
+
+
+def test_release_versions_compare_by_their_numbers():
+    assert release_tuple("0.2.0.dev0") == (0, 2, 0) < release_tuple("0.10.0")
+    assert release_tuple("1.0") > release_tuple("0.9.9")
+
+
+def test_a_row_inserted_as_0_1_did_gets_the_defaults_of_the_new_columns(engine, db_url):
+    upgrade(engine)
+    with engine.begin() as conn:  # the insert of 0.1.0's register_server: no new columns
+        conn.execute(text(
+            "INSERT INTO shiftchange_servers (id, name, host, pid, state, queues, concurrency,"
+            " dead_after, started_at, heartbeat_at) VALUES ('s1', 'old', 'h', 1, 'running', '[]', 1, 10, 0, 0)"))
+    with Queue(db_url, create=False) as queue:
+        (server,) = queue.servers()
+    assert (server.version, server.release, server.quiet) == (None, None, False)
+    assert server.to_dict()["version"] is None and "release" in server.to_dict()
+
+
+def test_an_older_target_never_migrates_down(engine):
+    upgrade(engine)
+    assert upgrade(engine, "0001") == (head_revision(), head_revision())
+    assert versions(engine) == (head_revision(), "0002")
+
+
+def test_a_failed_migration_names_what_failed_not_an_outage(engine):
+    with engine.begin() as conn:  # in the way of revision 0003
+        conn.execute(text("CREATE TABLE shiftchange_queues (name VARCHAR(10))"))
+    with pytest.raises(SchemaUpgradeFailed) as failed:
+        ensure_schema(engine)
+    message = str(failed.value)
+    assert "upgrading the schema to revision 0003 failed on" in message, message
+    assert "shiftchange_queues" in message and "cannot reach" not in message, message

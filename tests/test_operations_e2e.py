@@ -11,13 +11,11 @@ import sys
 import psutil
 import pytest
 
-from harness import read_lines, wait_for
+from harness import read_lines, runs, wait_for
 
 pytestmark = pytest.mark.slow
 
 
-def runs(records, job_id):
-    return read_lines(records / f"job-{job_id}.runs")
 
 
 def handoff(sup, *args, timeout=30):

@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from harness import wait_for
+from harness import clean_env, shiftchange, wait_for
 from sqlalchemy import insert, inspect
 from sqlalchemy.engine import make_url
 
@@ -34,19 +34,8 @@ TESTS = Path(__file__).parent
 SECRET = "Secret123"  # part of every password below; must never be printed
 
 
-def clean_env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIFTCHANGE_")}
-    env.pop("NOTIFY_SOCKET", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
-    env.update(extra)
-    return env
 
 
-def shiftchange(*args, cwd, env=None, timeout=60, umask=-1):
-    return subprocess.run(
-        [sys.executable, "-m", "supervisor", *args], cwd=cwd, capture_output=True,
-        text=True, timeout=timeout, env=env or clean_env(), umask=umask,
-    )
 
 
 def insert_row(engine, target, args=(), kind="callable", **values):
@@ -200,7 +189,7 @@ def test_a_password_in_a_live_database_url_is_never_printed(postgres_url, superv
         assert sup.wait(timeout=20) == 0
         assert queue.get(running).state == "enqueued"
         assert SECRET not in (queue.get(failing).error or "")
-    outputs.append((["run"], sup.log() + sup.log_path.with_suffix(".out").read_text()))
+    outputs.append((["run"], sup.log()))  # its stdout and stderr
     assert any('"event": "handed_off"' in out for _, out in outputs[-1:])  # it did log in JSON
     for args, out in outputs:
         assert SECRET not in out, f"shiftchange {' '.join(args)} printed the password:\n{out}"

@@ -434,9 +434,12 @@ def test_requeue_of_a_running_job_holds_it_until_its_run_is_surely_stopped(queue
 
 def test_lost_leases_names_only_the_jobs_taken_away(queue):
     sid = register(queue)
-    kept, taken, deleted = (queue.enqueue("app:f") for _ in range(3))
-    claimed = {j.id: j.lease for j in queue.storage.claim(sid, ["default"], 3)}
+    kept, taken, deleted, done, retried = (queue.enqueue("app:f") for _ in range(5))
+    claimed = {j.id: j.lease for j in queue.storage.claim(sid, ["default"], 5)}
     queue.requeue(taken.id)
     queue.delete(deleted.id)
+    # Finished by their own runs (same lease): not lost, nothing to kill.
+    assert queue.storage.complete(done.id, claimed[done.id], sid)
+    assert queue.storage.fail(retried.id, claimed[retried.id], sid, "boom", retry_backoff=60) == "scheduled"
     assert sorted(queue.storage.lost_leases(sid, claimed)) == sorted([taken.id, deleted.id])
     assert queue.storage.lost_leases(sid, {}) == []

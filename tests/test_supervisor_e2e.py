@@ -7,7 +7,7 @@ import signal
 import psutil
 import pytest
 
-from harness import read_lines, wait_for
+from harness import events_of, read_lines, runs, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -21,16 +21,12 @@ def running_on(queue, job_id, server_id):
     return job.state == "processing" and job.server == server_id
 
 
-def runs(records, job_id):
-    return read_lines(records / f"job-{job_id}.runs")
 
 
 def assert_no_overlap(records):
     assert read_lines(records / "overlaps") == [], "two runs of one job were alive at once"
 
 
-def events_of(queue, job_id):
-    return [e.kind for e in queue.get(job_id).events]
 
 
 def test_sigterm_hands_a_cpu_bound_job_off_before_killing_it(queue, e2e_db_url, supervisors, records):

@@ -1,0 +1,177 @@
+"""The fast tier: the supervisor's decisions without processes, databases
+or real time. A fake clock stands in for CLOCK_BOOTTIME and a storage that
+records its calls stands in for the database, so each rule is checked on
+its own in milliseconds. The end-to-end tests prove the same rules with
+real supervisors; these say which rule broke."""
+
+import signal
+
+import pytest
+
+from supervisor.children import RunningJob
+from supervisor.config import Config, JobsConfig, ServerConfig, ShutdownConfig
+from supervisor.errors import StorageUnavailable
+from supervisor.loop import Supervisor, describe_outcome
+from supervisor.records import Job
+from supervisor.shutdown import HOLD_MARGIN_S, shut_down
+from supervisor.storage import Requeued
+
+
+class FakeClock:
+    def __init__(self, now=1000.0):
+        self.now = now
+
+    def __call__(self):
+        return self.now
+
+
+def a_job(kind="callable", **changes):
+    values = dict(id=7, state="processing", queue="default", kind=kind, target="app:work", args=[], kwargs={},
+                  priority=0, attempts=1, max_attempts=3, interruptions=0, max_interruptions=10,
+                  server="s1", lease=4, run_at=0.0, created_at=0.0, started_at=0.0, finished_at=None, error=None)
+    values.update(changes)
+    return Job(**values)
+
+
+def ended(code, how="exit status 0", stop_noticed=False):
+    return {"event": "exit", "code": code, "how": how, "stop_noticed": stop_noticed}
+
+
+def run(kind="callable", messages=(), **flags):
+    child = RunningJob(job=a_job(kind), pid=1, lifeline=-1, results=-1, started=0.0)
+    child.messages = list(messages)
+    for name, value in flags.items():
+        setattr(child, name, value)
+    return child
+
+
+# --- how a run ended, and what that means for its job ------------------------------
+
+@pytest.mark.parametrize("child, stopping, expected", [
+    (run(messages=[{"event": "result", "outcome": "succeeded"}, ended(0)]), False, "succeeded"),
+    (run(messages=[{"event": "result", "outcome": "failed", "error": "E"}, ended(0)]), False, "failed"),
+    (run(messages=[{"event": "result", "outcome": "handoff"}, ended(0)]), False, "handoff"),
+    (run(messages=[{"event": "result", "outcome": "lease_lost"}, ended(0)]), False, "dropped"),
+    (run(messages=[ended(-9, "killed by SIGKILL")]), False, "failed"),  # no result: the process died
+    (run(messages=[ended(-15, "killed by SIGTERM")]), True, "handoff"),  # the deploy's SIGTERM
+    (run(messages=[ended(-15, "killed by SIGTERM")]), False, "failed"),  # someone else's SIGTERM
+    (run(messages=[{"event": "fenced", "reason": "late"}]), False, "handoff"),  # deadline passed
+    (run(messages=[ended(0)], kill_reason="memory limit exceeded"), False, "failed"),
+    (run(messages=[{"event": "result", "outcome": "succeeded"}], lease_lost=True), False, "dropped"),
+    (run("command", [ended(0)]), False, "succeeded"),
+    (run("command", [ended(75, "exit status 75")]), False, "handoff"),  # EX_TEMPFAIL
+    (run("command", [ended(-15, "killed by SIGTERM", stop_noticed=True)]), False, "handoff"),
+    (run("command", [ended(2, "exit status 2")]), False, "failed"),
+    (run(status=9), False, "failed"),  # the child itself vanished
+], ids=lambda value: None)
+def test_what_a_run_ended_as(child, stopping, expected):
+    kind, _ = child.outcome(stopping=stopping)
+    assert kind == expected
+
+
+def test_an_outcome_the_run_recorded_itself_stands_whatever_else_is_known():
+    child = run(messages=[ended(0) | {"recorded": "succeeded", "outcome": "succeeded"}], kill_reason="memory")
+    assert child.recorded() == ("succeeded", None, "succeeded")
+    assert run(messages=[ended(0)]).recorded() is None
+
+
+def test_log_lines_say_what_happened_why_and_what_next():
+    job = a_job(attempts=2, max_attempts=3)
+    assert describe_outcome(job, "succeeded", "succeeded", None) == "succeeded"
+    assert describe_outcome(job, "failed", "scheduled", "Traceback\nValueError: x") == (
+        "failed (attempt 2 of 3): ValueError: x; a retry is scheduled")
+    assert describe_outcome(job, "failed", "failed", "boom") == "failed for good (attempt 2 of 3): boom"
+    assert describe_outcome(job, "handoff", "enqueued", "asked").endswith("back in the queue, to resume elsewhere")
+    assert "lease 4 is no longer current" in describe_outcome(job, "succeeded", "stale", None)
+
+
+# --- the fence ---------------------------------------------------------------------------
+
+def supervisor(clock=None, **sections):
+    config = Config(
+        server=ServerConfig(name="s1", heartbeat_interval=1.0, dead_after=10.0, concurrency=2),
+        shutdown=sections.get("shutdown", ShutdownConfig(drain=0.0, kill_after=2.0)),
+        jobs=JobsConfig(),
+    )
+    return Supervisor(config, clock=clock or FakeClock())
+
+
+def test_children_stop_half_a_heartbeat_before_anyone_may_reap_their_server():
+    clock = FakeClock(500.0)
+    sup = supervisor(clock)
+    sup.last_beat_sent = 500.0  # measured BEFORE the heartbeat was sent
+    assert sup.fence_deadline() == 500.0 + 10.0 - 0.5
+
+
+def test_no_claim_when_a_new_job_would_be_fenced_before_the_next_heartbeat():
+    clock = FakeClock(500.0)
+    sup = supervisor(clock)
+    sup.last_beat_sent, sup.server_id = 500.0, "s1"
+    sup.storage = RecordingStorage()
+    clock.now = 500.0 + 10.0 - 0.5 - 1.0 + 0.01  # later than the fence minus one heartbeat
+    sup.claim()
+    assert sup.storage.calls == []
+
+
+# --- signals -----------------------------------------------------------------------------
+
+def test_the_first_stop_signal_starts_the_shutdown_the_second_hurries_it():
+    clock = FakeClock(10.0)
+    sup = supervisor(clock)
+    sup._queue_signal(signal.SIGTERM, None)
+    clock.now = 11.0
+    sup._queue_signal(signal.SIGINT, None)
+    sup.handle_signals()
+    assert (sup.stop_signal, sup.stop_signal_at, sup.hurry) == (signal.SIGTERM, 10.0, True)
+
+
+def test_sigtstp_makes_a_server_quiet_without_stopping_it():
+    sup = supervisor()
+    sup._queue_signal(signal.SIGTSTP, None)
+    sup.handle_signals()
+    assert sup.quiet and sup.quiet_wanted and sup.stop_signal is None
+
+
+# --- the shutdown sequence, in order ---------------------------------------------------------
+
+class RecordingStorage:
+    """Records the storage verbs the shutdown calls, in order."""
+
+    def __init__(self, fail_handoff=False):
+        self.calls = []
+        self.fail_handoff = fail_handoff
+
+    def handoff(self, server_id, hold, reason):
+        self.calls.append(("handoff", server_id, hold))
+        if self.fail_handoff:
+            raise StorageUnavailable("cannot reach the database")
+        return [Requeued(7, 5, False, server_id)]
+
+    def release_handoff(self, server_id, held):
+        self.calls.append(("release_handoff", server_id, [job.id for job in held]))
+
+    def claim(self, *args, **kwargs):
+        self.calls.append(("claim",))
+        return []
+
+
+def stopping_supervisor(storage, kill_after=2.0):
+    sup = supervisor(shutdown=ShutdownConfig(drain=0.0, kill_after=kill_after))
+    sup.storage, sup.server_id = storage, "s1"
+    sup.stop_signal, sup.stop_signal_at = signal.SIGTERM, sup.clock()
+    return sup
+
+
+def test_the_handoff_is_committed_and_held_before_the_hold_is_released():
+    storage = RecordingStorage()
+    sup = stopping_supervisor(storage, kill_after=3.0)
+    assert shut_down(sup) == 0
+    assert storage.calls == [("handoff", "s1", 3.0 + HOLD_MARGIN_S), ("release_handoff", "s1", [7])]
+    assert not sup.claiming and sup.dropping
+
+
+def test_a_handoff_that_cannot_be_committed_exits_1_and_never_releases_a_hold():
+    storage = RecordingStorage(fail_handoff=True)
+    sup = stopping_supervisor(storage)
+    assert shut_down(sup) == 1
+    assert [call[0] for call in storage.calls] == ["handoff"]

@@ -193,8 +193,8 @@ class Supervisor:
             taken = self.storage.reap_server(
                 old.id, f"previous incarnation {old.id} of {old.name} (pid {old.pid}) is gone"
             )
-            event("reaped our previous incarnation %s: requeued jobs %s", old.id, [t.id for t in taken],
-                  event="reaped", server=old.id)
+            event("reaped our previous incarnation (%s, pid %d, is gone): requeued jobs %s", old.id, old.pid,
+                  [t.id for t in taken], event="reaped", server=old.id)
 
     # --- the loop ---------------------------------------------------------------------
 
@@ -458,12 +458,14 @@ class Supervisor:
         """Someone decided this server is finished (or we fenced ourselves).
         Kill the children at once; their jobs belong to others now."""
         self.kill_all(f"server is {state}")
+        name = self.config.server.name
         if state in ("dead", None):
+            what_next = "stopping" if self.stop_signal is not None else "registering anew"
             event("server %s was declared dead: its heartbeat was older than dead_after (a partition "
-                  "or an outage?) and other servers took its jobs; registering anew", self.server_id,
+                  "or an outage?) and other servers took its jobs; %s", name, what_next,
                   level=logging.WARNING, event="declared_dead", server=self.server_id)
         if state in ("stopping", "stopped"):
-            event("server %s was handed off from outside (state %s): exiting", self.server_id, state,
+            event("server %s was handed off from outside (state %s): exiting", name, state,
                   level=logging.WARNING, event="handed_off", server=self.server_id)
             self.exit_requested = True
             return
@@ -471,7 +473,7 @@ class Supervisor:
             # Shutting down anyway: the handoff that follows requeues what is
             # still ours; registering again would only be undone.
             event("server %s is %s while shutting down: children killed, not registering again",
-                  self.server_id, state, level=logging.WARNING, event="lost_server", server=self.server_id)
+                  name, state, level=logging.WARNING, event="lost_server", server=self.server_id)
             self.exit_requested = True
             return
         try:
@@ -541,10 +543,12 @@ class Supervisor:
     def _reap_dead_servers(self) -> None:
         """Requeue the jobs of every server whose heartbeat is older than
         its dead_after (by the database clock), here as on every server."""
-        for taken in self.storage.reap():
+        taken_back = self.storage.reap()
+        names = {s.id: s.name for s in self.storage.servers()} if taken_back else {}
+        for taken in taken_back:
             what = "failed: past max_interruptions" if taken.failed else "requeued"
-            event("job %d %s: its server %s stopped heartbeating", taken.id, what, taken.server,
-                  event="reaped", job=taken.id, server=taken.server)
+            event("job %d %s: its server %s stopped heartbeating", taken.id, what,
+                  names.get(taken.server, taken.server), event="reaped", job=taken.id, server=taken.server)
 
     def _sweep_when_due(self) -> None:
         """Retention: delete jobs finished more than jobs.keep_finished ago."""

@@ -153,3 +153,13 @@ def records(tmp_path):
     path = tmp_path / "records"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def cli_in_empty_dir(monkeypatch, tmp_path):
+    """For in-process CLI tests: config only from ./shiftchange.yaml in an
+    empty directory, nothing inherited from the environment; wide tables."""
+    monkeypatch.delenv("SHIFTCHANGE_CONFIG", raising=False)
+    monkeypatch.delenv("SHIFTCHANGE_DATABASE_URL", raising=False)
+    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.chdir(tmp_path)

@@ -35,13 +35,7 @@ class Ran:
     err: str
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """Config only from ./shiftchange.yaml in an empty directory; wide tables."""
-    monkeypatch.delenv("SHIFTCHANGE_CONFIG", raising=False)
-    monkeypatch.delenv("SHIFTCHANGE_DATABASE_URL", raising=False)
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("cli_in_empty_dir")
 
 
 def cli(*args: str) -> Ran:

@@ -24,12 +24,7 @@ READS = [["status"], ["status", "--json"], ["jobs"], ["job", "1"], ["handoff"], 
          ["reap"], ["requeue", "1"], ["delete", "1"]]
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    monkeypatch.delenv("SHIFTCHANGE_CONFIG", raising=False)
-    monkeypatch.delenv("SHIFTCHANGE_DATABASE_URL", raising=False)
-    monkeypatch.setenv("COLUMNS", "200")
-    monkeypatch.chdir(tmp_path)
+pytestmark = pytest.mark.usefixtures("cli_in_empty_dir")
 
 
 def cli(*args):

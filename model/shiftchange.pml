@@ -33,6 +33,11 @@
  *                           children keep their heartbeat deadline past the
  *                           handoff's hold (a frozen supervisor then lets a
  *                           second run start); see docs/design.md
+ *   REL0=, REL1=            the release of supervisor 0 and 1: 0 none,
+ *                           1 (A), 2 (B); default A and B
+ *   BUG_PREFER_FOREVER      the release preference ignores avoid_until and
+ *                           whether a server of another release is alive
+ *                           (breaks no_job_lost when both have one release)
  */
 
 #ifndef NJ
@@ -51,6 +56,15 @@
 #define HOLD_MARGIN 1              /* shutdown.HOLD_MARGIN_S */
 #define SHUTDOWN_HOLD (KILL_AFTER + HOLD_MARGIN)
 #define RETRY_BACKOFF 1            /* jobs.retry_backoff */
+#define WINDOW 1                   /* server.release_window (> 0) */
+
+/* server.release of each supervisor (all its incarnations): 0 none. */
+#ifndef REL0
+#define REL0 1
+#endif
+#ifndef REL1
+#define REL1 2
+#endif
 
 /* Fault and operator budgets per run of the model (keep the search small;
    liveness needs them finite so that under fairness faults end). */
@@ -79,6 +93,8 @@
 byte jstate[NJ] = J_ENQ;
 byte jsrv[NJ] = NONE;        /* jobs.server_id: a row */
 byte jhold[NJ];              /* ticks until run_at */
+byte avoid[NJ];              /* jobs.avoid_release: 0 none, else a release */
+byte avoid_left[NJ];         /* ticks until avoid_until */
 
 #define R_FREE     0
 #define R_RUN      1
@@ -102,6 +118,7 @@ byte held_by[NJ] = NONE;
 /* --- hosts, supervisors, children --------------------------------------- */
 
 byte skew[NS];               /* host clock - database clock, 0..DRIFT */
+byte rel[NS];                /* servers.release of supervisor s's rows */
 
 #define S_DOWN    0          /* not running (never started, exited, killed) */
 #define S_SERVE   1          /* Supervisor.serve */
@@ -200,6 +217,22 @@ inline bump_lease(j) {
 
 #define LIVE_RUN(j) ((run_live[0] && run_job[0] == j) || (run_live[1] && run_job[1] == j))
 
+/* storage._left_to_others. A server of another release is live: row r of
+   supervisor o = 1 - s (s's own rows share s's release) is running, not
+   quiet, its heartbeat fresh, its release set and not s's. One queue, which
+   every server serves. */
+#define OTHER_ROW_LIVE(s, r) (rstate[r] == R_RUN && !STALE(r) && !(quiet[1 - (s)] && sid[1 - (s)] == r) \
+                              && rel[1 - (s)] != 0 && rel[1 - (s)] != rel[s])
+#define OTHER_RELEASE_LIVE(s) (OTHER_ROW_LIVE(s, 2 * (1 - (s))) || OTHER_ROW_LIVE(s, 2 * (1 - (s)) + 1))
+/* Supervisor s skips job j: taken back from a server of s's release, before
+   avoid_until, while a server of another release is live. A server with no
+   release is never held back. */
+#ifdef BUG_PREFER_FOREVER
+#define HELD_BACK(s, j) (rel[s] != 0 && avoid[j] == rel[s])
+#else
+#define HELD_BACK(s, j) (rel[s] != 0 && avoid[j] == rel[s] && avoid_left[j] > 0 && OTHER_RELEASE_LIVE(s))
+#endif
+
 /* Property 5: a server marked dead never records anything again. */
 inline records(row) {
     assert(row == NONE || rstate[row] != R_DEAD)
@@ -213,8 +246,19 @@ inline applied(lease_ok, row) {
 
 /* --- storage.py: the verbs ---------------------------------------------- */
 
-/* storage._take_back: requeue with a new lease, claimable after `hold`. */
+/* storage._take_back: requeue with a new lease, claimable after `hold`;
+   left by the release of the server it ran on (row r: supervisor r / 2)
+   until hold + release_window from now. Every caller takes back a
+   processing job, so jsrv[j] is its row. */
 inline take_back(j, hold) {
+    if
+    :: jsrv[j] != NONE -> avoid[j] = rel[jsrv[j] / 2]
+    :: else -> avoid[j] = 0
+    fi;
+    if
+    :: avoid[j] != 0 -> avoid_left[j] = hold + WINDOW
+    :: else -> avoid_left[j] = 0
+    fi;
     jstate[j] = J_ENQ;
     jsrv[j] = NONE;
     jhold[j] = hold;
@@ -596,15 +640,14 @@ end_serve:
                         db_call(ok);
                         if
                         :: ok && rstate[sid[s]] == R_RUN ->
-                            /* RELEASE PREFERENCE (issue 14) goes here: a job
-                               handed off or reaped from a server of release R
-                               is left to servers of another release for a
-                               bounded window. Not in the code yet: every due
-                               job is claimable by any running server. */
+                            /* The release preference (issue 14,
+                               storage._left_to_others): a due job taken back
+                               from a server of this release is skipped while
+                               HELD_BACK. */
                             if
-                            :: jstate[0] == J_ENQ && jhold[0] == 0 -> j = 0
+                            :: jstate[0] == J_ENQ && jhold[0] == 0 && !HELD_BACK(s, 0) -> j = 0
 #if NJ > 1
-                            :: jstate[1] == J_ENQ && jhold[1] == 0 -> j = 1
+                            :: jstate[1] == J_ENQ && jhold[1] == 0 && !HELD_BACK(s, 1) -> j = 1
 #endif
                             :: else -> j = NONE
                             fi;
@@ -904,6 +947,20 @@ end:
             if
             :: jhold[j] > 0 -> jhold[j]--
             :: else -> skip
+            fi;
+            /* avoid_until passes; past it avoid_release no longer matters
+               (forgotten here to keep the state space small) */
+            assert(avoid_left[j] <= DA + WINDOW);
+            if
+            :: avoid_left[j] > 1 -> avoid_left[j]--
+            :: avoid_left[j] == 1 ->
+                avoid_left[j] = 0;
+#ifndef BUG_PREFER_FOREVER
+                avoid[j] = 0
+#else
+                skip
+#endif
+            :: else -> skip
             fi
         }
         /* each host clock: one tick, give or take the change of its skew */
@@ -935,6 +992,8 @@ end:
 
 init {
     atomic {
+        rel[0] = REL0;
+        rel[1] = REL1;
         run Supervisor(0);
         run Supervisor(1);
         run Child(0);
@@ -948,10 +1007,13 @@ init {
    weak fairness: every job, again and again, is finished (or deleted),
    claimable, or running; "claimable" includes a job whose server's
    heartbeat is stale (the next reap requeues it) and a scheduled retry that
-   is due (the next promote_due makes it enqueued). */
+   is due (the next promote_due makes it enqueued), and an enqueued job is
+   claimable only if the release preference holds back at most one of the
+   two supervisors from it (so the preference cannot starve a job). */
 
 #define FINISHED(j)  (jstate[j] == J_SUCC || jstate[j] == J_FAIL || jstate[j] == J_GONE)
-#define CLAIMABLE(j) ((jstate[j] == J_ENQ || jstate[j] == J_SCHED) && jhold[j] == 0 || \
+#define CLAIMABLE(j) (jstate[j] == J_ENQ && jhold[j] == 0 && !(HELD_BACK(0, j) && HELD_BACK(1, j)) || \
+                      jstate[j] == J_SCHED && jhold[j] == 0 || \
                       jstate[j] == J_PROC && (jsrv[j] == NONE || !LIVE(jsrv[j]) || STALE(jsrv[j])))
 #define RUNNING(j)   (jstate[j] == J_PROC && LIVE_RUN(j))
 

@@ -178,6 +178,7 @@ def until_file(record_dir, name, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not (Path(record_dir) / name).exists() and time.monotonic() < deadline:
         time.sleep(0.02)
+    _log(record_dir, f"job-{job.id}.done", str(os.getpid()))
 
 
 def steps_until_told(record_dir, step_seconds=0.1):

@@ -155,6 +155,9 @@ class ServerConfig:
     heartbeat_interval: float = 1.0
     dead_after: float = 10.0
     poll_interval: float = 0.2
+    # PostgreSQL, while LISTEN works: NOTIFY wakes the server, and this poll
+    # only catches what a lost notification would miss.
+    safety_poll: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -237,6 +240,7 @@ SCHEMA = {
         "heartbeat_interval": parse_duration,
         "dead_after": parse_duration,
         "poll_interval": parse_duration,
+        "safety_poll": parse_duration,
     },
     "shutdown": {"drain": parse_duration, "kill_after": parse_duration},
     "jobs": {
@@ -413,6 +417,7 @@ def _check_relations(config: Config, path, root) -> None:
         (server.heartbeat_interval > 0, ["server.heartbeat_interval"],
          "server.heartbeat_interval must be greater than 0"),
         (server.poll_interval > 0, ["server.poll_interval"], "server.poll_interval must be greater than 0"),
+        (server.safety_poll > 0, ["server.safety_poll"], "server.safety_poll must be greater than 0"),
         (
             # A supervisor that cannot heartbeat kills its jobs' processes at
             # dead_after - heartbeat_interval/2 after its last heartbeat; the

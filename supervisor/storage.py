@@ -291,7 +291,7 @@ class Storage:
                 moved = conn.execute(
                     update(chore_table)
                     .where(chore_table.c.name == name, chore_table.c.due_at <= db_now())
-                    .values(due_at=db_now() + wanted[name])
+                    .values(due_at=db_now() + wanted[name], runs=chore_table.c.runs + 1)
                 ).rowcount
                 if moved == 1:
                     taken.append(name)

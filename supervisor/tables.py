@@ -133,4 +133,5 @@ chores = Table(
     metadata,
     Column("name", String(64), primary_key=True),
     Column("due_at", Epoch, nullable=False, server_default=text("0")),
+    Column("runs", BigInteger, nullable=False, server_default=text("0")),  # times taken, for operators
 )

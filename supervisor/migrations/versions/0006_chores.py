@@ -32,6 +32,7 @@ def upgrade():
         "shiftchange_chores",
         sa.Column("name", sa.String(64), primary_key=True),
         sa.Column("due_at", Epoch, nullable=False, server_default=sa.text("0")),
+        sa.Column("runs", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     )
 
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 from sqlalchemy import text
 
-from harness import events_of, runs, wait_for
+from harness import events_of, read_lines, runs, wait_for
 from supervisor.config import Config, ServerConfig
 from supervisor.database import make_engine
 from supervisor.jobspec import new_job
@@ -114,7 +114,7 @@ def test_the_safety_poll_picks_up_a_job_whose_notify_was_lost(pg_url, supervisor
             wait_for(lambda: listen_backends(conn), what="the server to LISTEN")
         job_id = enqueue_without_notify(pg_url, "scjobs:quick", [str(records)])
         wait_for(lambda: queue.get(job_id).state == "succeeded", timeout=20, what="the safety poll to find the job")
-        assert runs(records, job_id)
+        assert read_lines(records / "quick")
         assert "lost the connection" not in sup.log()
 
 
@@ -152,7 +152,7 @@ def test_a_broken_listen_connection_is_said_and_polling_takes_over(pg_url, super
             stop.set()
             breaker.join(10)
             engine.dispose()
-        assert runs(records, job_id)
+        assert read_lines(records / "quick")
         wait_for(lambda: "listening for new jobs again" in sup.log(), timeout=20, what="LISTEN to work again")
         # Back on the safety net: a job announced by NOTIFY still starts at once.
         job = queue.enqueue("scjobs:quick", [str(records)])
@@ -172,3 +172,40 @@ def test_the_poll_interval_is_the_safety_poll_only_while_listening(pg_url):
     finally:
         loop.wakeups.close()
         loop.wakeups.engine.dispose()
+
+
+class HeldJobStorage:
+    """An idle poll's answer: the first enqueued job is held `wait` more seconds."""
+
+    def __init__(self, wait):
+        self.wait, self.claims = wait, 0
+
+    def due_in(self, queues):
+        return self.wait
+
+    def claim(self, *args, **kwargs):
+        self.claims += 1
+        return []
+
+
+class Listening:
+    listening = True
+
+
+def test_a_held_job_brings_the_next_poll_forward_to_the_end_of_its_hold():
+    """No NOTIFY announces the end of a handoff's hold: the idle poll that
+    sees it schedules the next poll then, not a safety poll later."""
+    from test_decisions import FakeClock
+
+    clock = FakeClock(100.0)
+    loop = Loop(Config(server=ServerConfig(poll_interval=0.2, safety_poll=5.0, dead_after=60.0)), clock=clock)
+    loop.last_beat_sent, loop.server_id, loop.wakeups = 100.0, "s1", Listening()
+    loop.storage = HeldJobStorage(wait=2.5)
+    loop.claim()
+    assert loop.next_claim == 102.5 and loop.storage.claims == 0
+    loop.storage.wait = None  # nothing enqueued: the safety net only
+    loop.claim()
+    assert loop.next_claim == 105.0 and loop.storage.claims == 0
+    loop.storage.wait = -0.1  # due now: claim
+    loop.claim()
+    assert loop.storage.claims == 1

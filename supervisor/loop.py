@@ -68,6 +68,7 @@ class Supervisor:
         self.quiet = False  # asked not to claim (SIGTSTP, `shiftchange quiet`), still serving
         self.quiet_wanted = False  # SIGTSTP came; storage does not know yet
         self.idle = True  # the last claim found nothing
+        self.notified = False  # a NOTIFY came since the last claim
         self.dropping = False  # outcomes are not ours to record any more
         self.exit_requested = False
         self.draining = False  # shutdown step 2: the loop runs, claiming has stopped
@@ -123,6 +124,7 @@ class Supervisor:
             ready = []
         if listening in ready and self.wakeups.drain():
             self.next_claim = self.clock()  # news, or LISTEN broke: look now
+            self.notified = True  # a job was announced: claim without probing first
         try:
             while os.read(self.wakeup_r, 4096):
                 pass
@@ -274,7 +276,8 @@ class Supervisor:
         # signals and heartbeats must not wait for dozens of them.
         batch = min(free, CLAIM_BATCH)
         try:
-            if self.idle and not self._anything_due():
+            notified, self.notified = self.notified, False
+            if self.idle and not notified and not self._anything_due():
                 return
             jobs = self.storage.claim(self.server_id, self.config.server.queues, batch)
         except StorageUnavailable as exc:

@@ -386,13 +386,11 @@ class Storage:
         is due now (claim), more when the first is held (a handoff's or an
         operator's requeue hold, which no NOTIFY announces when it ends),
         None when there is none."""
+        paused = exists().where(queue_settings.c.name == jobs.c.queue, queue_settings.c.paused)
         with self._read() as conn:
-            open_queues = self._unpaused(conn, queues)
-            if not open_queues:
-                return None
-            first, now = conn.execute(
+            first, now = conn.execute(  # one statement: a poll is one round trip
                 select(func.min(jobs.c.run_at), db_now())
-                .where(jobs.c.state == "enqueued", jobs.c.queue.in_(open_queues))
+                .where(jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), ~paused)
             ).one()
             return None if first is None else first - now
 

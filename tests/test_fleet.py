@@ -209,3 +209,18 @@ def test_a_held_job_brings_the_next_poll_forward_to_the_end_of_its_hold():
     loop.storage.wait = -0.1  # due now: claim
     loop.claim()
     assert loop.storage.claims == 1
+
+
+def test_an_idle_poll_sees_due_and_held_jobs_and_not_paused_queues(db_url):
+    from supervisor import Queue
+
+    with Queue(db_url) as queue:
+        assert queue.storage.due_in(["default"]) is None
+        queue.enqueue("scjobs:quick", queue="mail")
+        assert queue.storage.due_in(["default", "mail"]) <= 0
+        queue.pause("mail")
+        assert queue.storage.due_in(["default", "mail"]) is None
+        job = queue.enqueue("scjobs:quick")
+        with queue.storage.engine.begin() as conn:  # as a handoff's hold leaves it
+            conn.execute(text("UPDATE shiftchange_jobs SET run_at = run_at + 30 WHERE id = :i"), {"i": job.id})
+        assert 25 < queue.storage.due_in(["default", "mail"]) <= 30

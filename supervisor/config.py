@@ -179,6 +179,9 @@ class ServerConfig:
     poll_interval: float = 0.2
     release: str | None = field(default_factory=_release_from_env)  # the deploy release, e.g. the image tag
     release_window: float = RELEASE_WINDOW_S  # how long a job handed off by release R is left to other releases
+    # PostgreSQL, while LISTEN works: NOTIFY wakes the server, and this poll
+    # only catches what a lost notification would miss.
+    safety_poll: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -263,6 +266,7 @@ SCHEMA = {
         "poll_interval": parse_duration,
         "release": parse_release,
         "release_window": parse_duration,
+        "safety_poll": parse_duration,
     },
     "shutdown": {"drain": parse_duration, "kill_after": parse_duration},
     "jobs": {
@@ -444,6 +448,7 @@ def _check_relations(config: Config, path, root) -> None:
         (server.heartbeat_interval > 0, ["server.heartbeat_interval"],
          "server.heartbeat_interval must be greater than 0"),
         (server.poll_interval > 0, ["server.poll_interval"], "server.poll_interval must be greater than 0"),
+        (server.safety_poll > 0, ["server.safety_poll"], "server.safety_poll must be greater than 0"),
         (
             # A supervisor that cannot heartbeat kills its jobs' processes at
             # dead_after - heartbeat_interval/2 after its last heartbeat; the

@@ -4,7 +4,8 @@ other thread is shutdown.py's bound on a storage call that may hang.)
 Signal handlers only queue the signal (and wake the loop through a pipe);
 the loop waits on that pipe and on the children's result pipes with a
 timeout, then does whatever is due: collect finished children and record
-their outcome, heartbeat (which also reaps dead servers), claim new jobs.
+their outcome, heartbeat (which also takes the fleet chores that are due:
+reaping dead servers, promoting scheduled jobs, sweeping), claim new jobs.
 The shutdown sequence lives in shutdown.py and is called from here.
 """
 
@@ -67,6 +68,7 @@ class Supervisor:
         self.quiet = False  # asked not to claim (SIGTSTP, `shiftchange quiet`), still serving
         self.quiet_wanted = False  # SIGTSTP came; storage does not know yet
         self.idle = True  # the last claim found nothing
+        self.notified = False  # a NOTIFY came since the last claim
         self.dropping = False  # outcomes are not ours to record any more
         self.exit_requested = False
         self.draining = False  # shutdown step 2: the loop runs, claiming has stopped
@@ -74,7 +76,7 @@ class Supervisor:
         self.last_beat_sent = self.clock()
         self.beat_failing_since: float | None = None
         self.fenced = False  # we killed our children for want of a heartbeat
-        self.next_beat = self.next_claim = self.next_sweep = 0.0
+        self.next_beat = self.next_claim = 0.0
         self.next_watchdog = 0.0
         self.watchdog = systemd.watchdog_interval()
         self.wakeups: Wakeups | None = None
@@ -121,7 +123,8 @@ class Supervisor:
         except InterruptedError:
             ready = []
         if listening in ready and self.wakeups.drain():
-            self.next_claim = self.clock()
+            self.next_claim = self.clock()  # news, or LISTEN broke: look now
+            self.notified = True  # a job was announced: claim without probing first
         try:
             while os.read(self.wakeup_r, 4096):
                 pass
@@ -232,8 +235,8 @@ class Supervisor:
         # (Re)connect the LISTEN socket here, never inside wait()'s select
         # path, and not while heartbeats fail: each attempt on a dead
         # network would hold the loop for the connect timeout.
-        if self.wakeups and self.claiming and self.beat_failing_since is None:
-            self.wakeups.listen()
+        if self.wakeups and self.claiming and self.beat_failing_since is None and self.wakeups.listen():
+            self.next_claim = now  # what was enqueued while we did not listen
         if self.quiet_wanted and self.server_id:
             self._record_quiet()
         if now >= self.next_beat:
@@ -257,9 +260,15 @@ class Supervisor:
 
     # --- claiming and spawning ---------------------------------------------------------
 
+    def poll_every(self) -> float:
+        """Seconds between an idle server's polls: on PostgreSQL, while
+        LISTEN works, NOTIFY wakes us and polling is only a safety net."""
+        server = self.config.server
+        return server.safety_poll if self.wakeups and self.wakeups.listening else server.poll_interval
+
     def claim(self) -> None:
         free = self.config.server.concurrency - len(self.running)
-        self.next_claim = self.clock() + self.config.server.poll_interval
+        self.next_claim = self.clock() + self.poll_every()
         if free <= 0 or self.clock() > self.fence_deadline() - self.config.server.heartbeat_interval:
             return  # a job started now would be fenced before the next heartbeat
         if self.beat_failing_since is not None:
@@ -268,7 +277,10 @@ class Supervisor:
         # signals and heartbeats must not wait for dozens of them.
         batch = min(free, CLAIM_BATCH)
         try:
-            jobs = self.storage.claim(self.server_id, self.config.server.queues, batch, probe=self.idle,
+            notified, self.notified = self.notified, False
+            if self.idle and not notified and not self._anything_due():
+                return
+            jobs = self.storage.claim(self.server_id, self.config.server.queues, batch,
                                       release=self.config.server.release)
         except StorageUnavailable as exc:
             event("cannot claim: %s", exc, level=logging.WARNING, event="db_unreachable")
@@ -278,6 +290,16 @@ class Supervisor:
         self.idle = not jobs
         if len(jobs) == batch:
             self.next_claim = self.clock()  # there may be more waiting
+
+    def _anything_due(self) -> bool:
+        """An idle server's poll: one cheap read instead of a claiming
+        transaction. A job held until later (a handoff's or a requeue's
+        hold, whose end no NOTIFY announces) brings the next poll forward
+        to that moment."""
+        wait = self.storage.due_in(self.config.server.queues)
+        if wait is not None and wait > 0:
+            self.next_claim = min(self.next_claim, self.clock() + wait)
+        return wait is not None and wait <= 0
 
     def _start_job(self, job) -> None:
         try:
@@ -374,17 +396,19 @@ class Supervisor:
         """Once per heartbeat_interval: enforce memory limits (the database
         is not needed for that); heartbeat and renew the children's
         deadline, or fence ourselves when we cannot prove we are alive;
-        then kill runs whose lease an operator took, reap dead servers,
-        promote due jobs, record pending outcomes and sweep old ones."""
+        then kill runs whose lease an operator took, do the fleet chores
+        this beat took (reap dead servers, promote due jobs, sweep old
+        ones) and record pending outcomes."""
         server = self.config.server
         sent = self.clock()
         self.next_beat = sent + server.heartbeat_interval
         self._enforce_memory_limit()
         try:
-            state = self.storage.heartbeat(self.server_id)
+            beat = self.storage.beat(self.server_id, self.fleet_chores())
         except StorageUnavailable as exc:
             self._beat_failed(exc)
             return
+        state = beat.state
         if self.beat_failing_since is not None:
             self.beat_failing_since = None
             event("database reachable again", event="db_reachable")
@@ -397,10 +421,8 @@ class Supervisor:
             child.renew(self.fence_deadline())
         self._kill_runs_of_lost_jobs()
         try:
-            self._reap_dead_servers()  # invariant 1: a dead server's jobs are requeued
-            self.storage.promote_due()
+            self.do_chores(beat.chores)
             self.record_pending()
-            self._sweep_when_due()
         except StorageUnavailable as exc:
             event("reaping, promotion and retention skipped until the next heartbeat: %s", exc,
                   level=logging.WARNING, event="db_unreachable")
@@ -540,9 +562,26 @@ class Supervisor:
             self.wait(deadline - self.clock())
             self.collect_children()
 
+    def fleet_chores(self) -> dict[str, float]:
+        """Housekeeping the fleet needs once per interval, done by whichever
+        server's heartbeat takes it first (storage.beat). Reaping stays
+        due every heartbeat_interval, so a crash is still recovered within
+        dead_after + one heartbeat; a little early (0.8), so that the
+        server's own next beat never just misses it."""
+        every = self.config.server.heartbeat_interval * 0.8
+        return {"reap": every, "promote": every, "sweep": SWEEP_EVERY_S}
+
+    def do_chores(self, chores) -> None:
+        if "reap" in chores:
+            self._reap_dead_servers()  # invariant 1: a dead server's jobs are requeued
+        if "promote" in chores:
+            self.storage.promote_due()
+        if "sweep" in chores:
+            self._sweep()
+
     def _reap_dead_servers(self) -> None:
         """Requeue the jobs of every server whose heartbeat is older than
-        its dead_after (by the database clock), here as on every server."""
+        its dead_after (by the database clock)."""
         taken_back = self.storage.reap()
         names = {s.id: s.name for s in self.storage.servers()} if taken_back else {}
         for taken in taken_back:
@@ -550,11 +589,8 @@ class Supervisor:
             event("job %d %s: its server %s stopped heartbeating", taken.id, what,
                   names.get(taken.server, taken.server), event="reaped", job=taken.id, server=taken.server)
 
-    def _sweep_when_due(self) -> None:
+    def _sweep(self) -> None:
         """Retention: delete jobs finished more than jobs.keep_finished ago."""
-        if self.clock() < self.next_sweep:
-            return
-        self.next_sweep = self.clock() + SWEEP_EVERY_S
         removed = self.storage.sweep(self.config.jobs.keep_finished)
         if removed:
             event("retention: deleted %d finished jobs", removed, event="sweep")

@@ -20,7 +20,7 @@ from supervisor.dbtime import db_now
 from supervisor.errors import ActionRefused, InvalidFilter, JobNotFound
 from supervisor.jobspec import QUEUE_NAME, NewJob
 from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
-from supervisor.tables import events, jobs, queues as queue_settings, servers
+from supervisor.tables import chores as chore_table, events, jobs, queues as queue_settings, servers
 
 MAX_ERROR_CHARS = 64_000
 LIVE_SERVER_STATES = ("running", "stopping")
@@ -28,6 +28,15 @@ LIVE_SERVER_STATES = ("running", "stopping")
 # of another release (config: server.release_window).
 RELEASE_WINDOW_S = 60.0
 WAKE_CHANNEL = "shiftchange_jobs"  # PostgreSQL NOTIFY channel
+
+
+@dataclass(frozen=True)
+class Beat:
+    """What a heartbeat learned: the server's state (see Storage.heartbeat)
+    and the fleet chores this server took and must do now."""
+
+    state: str | None
+    chores: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -239,13 +248,27 @@ class Storage:
         return server_id
 
     def heartbeat(self, server_id: str) -> str | None:
-        """Refresh the server's heartbeat, which is also the lease of every job
+        """The server's heartbeat alone; see beat()."""
+        return self.beat(server_id).state
+
+    def beat(self, server_id: str, chores: dict[str, float] | None = None) -> Beat:
+        """A heartbeat, and in the same transaction the fleet chores
+        ({name: interval in seconds}) that are due and that this server
+        takes: one row each in shiftchange_chores, taken by moving its
+        `due_at` (database clock) forward. Among servers beating at once,
+        the row lock lets one UPDATE match; the others match no row. So a
+        chore is done about once per interval across the fleet, by
+        whichever server comes first, with no leader to lose. The chore
+        rows are read without a lock first, so a beat with nothing due
+        writes nothing but the server's own row.
+
+        The server's refreshed heartbeat is also the lease of every job
         it runs (a job's lease lasts as long as its server's heartbeat is
-        fresh, so one row write extends them all). Returns the server's state:
-        `running` when the heartbeat was recorded, `quiet` when it was and
-        the server is asked not to claim; `dead`, `stopping` or `stopped`
-        when someone else decided this server is finished; None when its row
-        is gone."""
+        fresh, so one row write extends them all). `state`: `running` when
+        the heartbeat was recorded, `quiet` when it was and the server is
+        asked not to claim; `dead`, `stopping` or `stopped` when someone
+        else decided this server is finished; None when its row is gone.
+        Chores are only taken by a server whose heartbeat was recorded."""
         with self._write() as conn:
             beat = conn.execute(
                 update(servers)
@@ -255,9 +278,45 @@ class Storage:
             row = conn.execute(
                 select(servers.c.state, servers.c.quiet).where(servers.c.id == server_id)
             ).first()
-            if beat.rowcount == 1:
-                return "quiet" if row.quiet else "running"
-            return None if row is None else row.state
+            if beat.rowcount != 1:
+                return Beat(None if row is None else row.state)
+            state = "quiet" if row.quiet else "running"
+            return Beat(state, self._take_chores(conn, chores or {}))
+
+    def _take_chores(self, conn, wanted: dict[str, float]) -> tuple[str, ...]:
+        if not wanted:
+            return ()
+        rows = dict(conn.execute(
+            select(chore_table.c.name, chore_table.c.due_at <= db_now())
+            .where(chore_table.c.name.in_(list(wanted)))
+        ).all())
+        missing = [name for name in wanted if name not in rows]
+        if missing:  # first use on this database: due at once
+            conn.execute(self._insert_ignoring_duplicates(chore_table), [dict(name=n, due_at=0.0) for n in missing])
+        taken = []
+        for name in wanted:
+            if rows.get(name, True):
+                moved = conn.execute(
+                    update(chore_table)
+                    .where(chore_table.c.name == name, chore_table.c.due_at <= db_now())
+                    .values(due_at=db_now() + wanted[name], runs=chore_table.c.runs + 1)
+                ).rowcount
+                if moved == 1:
+                    taken.append(name)
+        return tuple(taken)
+
+    def _insert_ignoring_duplicates(self, table):
+        """INSERT that skips rows whose key exists (another server made them)."""
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            return pg_insert(table).on_conflict_do_nothing()
+        if dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            return sqlite_insert(table).on_conflict_do_nothing()
+        return insert(table).prefix_with("IGNORE")
 
     def set_quiet(self, server_ids, quiet: bool = True) -> list[str]:
         """Ask live servers to stop claiming (quiet) or to claim again. A
@@ -339,6 +398,21 @@ class Storage:
                 ],
             )
             return claimed
+
+    def due_in(self, queues) -> float | None:
+        """An idle server's poll: one read of the claim index's `enqueued`
+        slice. Seconds until the first enqueued job of `queues` (not
+        paused) may be claimed, by the database clock: 0 or less when one
+        is due now (claim), more when the first is held (a handoff's or an
+        operator's requeue hold, which no NOTIFY announces when it ends),
+        None when there is none."""
+        paused = exists().where(queue_settings.c.name == jobs.c.queue, queue_settings.c.paused)
+        with self._read() as conn:
+            first, now = conn.execute(  # one statement: a poll is one round trip
+                select(func.min(jobs.c.run_at), db_now())
+                .where(jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), ~paused)
+            ).one()
+            return None if first is None else first - now
 
     def _anything_due(self, queues, release: str | None = None) -> bool:
         with self._read() as conn:

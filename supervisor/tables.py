@@ -18,6 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
     false,
+    text,
 )
 from sqlalchemy.dialects import mysql
 
@@ -128,4 +129,15 @@ queues = Table(
     Column("name", String(200), primary_key=True),
     Column("paused", Boolean, nullable=False, server_default=false()),
     Column("changed_at", Epoch),
+)
+
+# Added by revision 0005: fleet chores (reap, promote, sweep), each due at
+# `due_at` by the database clock and done by whichever server moves it on
+# first. Servers of 0.2 and earlier never read it.
+chores = Table(
+    PREFIX + "chores",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("due_at", Epoch, nullable=False, server_default=text("0")),
+    Column("runs", BigInteger, nullable=False, server_default=text("0")),  # times taken, for operators
 )

@@ -17,6 +17,7 @@ import typer
 from supervisor.config import load_config, parse_duration
 from supervisor.errors import EXIT_USAGE, ConfigError, ShiftchangeError
 from supervisor.logs import mask_secrets
+from supervisor.targets import AllowList, TargetRefused
 
 HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
@@ -154,9 +155,31 @@ def enqueue(
     else:
         job = q.enqueue(target[0], parse_json_option(args, "--args", list) or [],
                         parse_json_option(kwargs, "--kwargs", dict), **options)
+    warn_if_not_allowed(q.config, job)
     if not q.served(queue):
         typer.echo(f"shiftchange: note: no running server serves queue {queue!r} yet; the job waits for one", err=True)
     typer.echo(job.id)
+
+
+def warn_if_not_allowed(config, job) -> None:
+    """A target the local config's allow-list refuses fails when claimed by
+    a server with that config: say so now, on stderr (the job is enqueued
+    all the same: the servers may be configured otherwise)."""
+    if config.source is None:
+        return  # no local config: nothing to compare with
+    allow = AllowList(config.jobs.allow, config.jobs.allow_commands)
+    if job.kind == "command":
+        refused = None if job.target in allow.commands else (
+            f"command {job.target!r} is not in jobs.allow_commands of {config.source}")
+    else:
+        try:
+            allow.check_callable(job.target)
+            refused = None
+        except TargetRefused as exc:
+            refused = f"{exc} in {config.source}"
+    if refused:
+        typer.echo(f"shiftchange: warning: job {job.id}: {refused}; a server with this config fails it "
+                   "when it claims it", err=True)
 
 
 # --- reading ------------------------------------------------------------------------------

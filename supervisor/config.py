@@ -173,6 +173,9 @@ class JobsConfig:
     keep_finished: float = 7 * 86400.0
     memory_limit: int | None = None  # bytes per job's process tree
     nice: int = 10  # job processes yield the CPU to the supervisor
+    # Directories job processes import targets from, after the server's
+    # working directory (which is always first, as with Celery and RQ).
+    path: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,7 @@ SCHEMA = {
         "keep_finished": parse_duration,
         "memory_limit": parse_size,
         "nice": parse_niceness,
+        "path": parse_text_list,
     },
     "log": {"format": parse_choice("text", "json"), "level": parse_choice("debug", "info", "warning", "error")},
     "dashboard": {"token": parse_token, "show_args": parse_bool},

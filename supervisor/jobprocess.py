@@ -46,7 +46,7 @@ from supervisor.processes import (
     set_title,
 )
 from supervisor.records import Job
-from supervisor.targets import AllowList, resolve_callable
+from supervisor.targets import AllowList, extend_import_path, resolve_callable
 
 CHECKPOINT_FD = 3  # where a command job writes checkpoint lines
 HANDOFF_EXIT_CODE = 75  # EX_TEMPFAIL: a command's way of raising HandOff
@@ -70,6 +70,7 @@ class Assignment:
     # saves each job a new engine's set-up queries. None: build one from
     # database_url.
     engine: object = None
+    import_path: tuple[str, ...] = ()  # put first on sys.path (targets.job_import_path)
 
 
 def open_storage(assignment: Assignment):
@@ -406,6 +407,7 @@ def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, clo
     outcome, error = "succeeded", None
     try:
         assignment.allow.check_callable(job.target)  # again, before any import
+        extend_import_path(assignment.import_path)
         function = resolve_callable(job.target)
         call_job(function, job.args, job.kwargs)
     except HandOff as exc:

@@ -35,7 +35,7 @@ from supervisor.processes import (
 )
 from supervisor.records import Job
 from supervisor.storage import LIVE_SERVER_STATES, Storage
-from supervisor.targets import AllowList, TargetRefused
+from supervisor.targets import AllowList, TargetRefused, job_import_path
 from supervisor.wakeup import Wakeups
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -56,6 +56,7 @@ class Supervisor:
         self.config = config
         self.db_bounds = bounds_for(config.server.heartbeat_interval, config.server.dead_after)
         self.allow = AllowList(config.jobs.allow, config.jobs.allow_commands)
+        self.import_path = job_import_path(config.jobs.path)
         self.storage: Storage | None = None
         self.server_id: str | None = None
         self.running: dict[int, RunningJob] = {}  # by child pid
@@ -291,7 +292,7 @@ class Supervisor:
             return
         assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice,
                                 self.db_bounds, retry_backoff=self.config.jobs.retry_backoff,
-                                engine=self.storage.engine)
+                                engine=self.storage.engine, import_path=self.import_path)
         child = spawn(assignment, self.fence_deadline(), self.clock())
         self.running[child.pid] = child
         event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,

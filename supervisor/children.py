@@ -81,6 +81,15 @@ class RunningJob:
                 return message.get("outcome"), message.get("error"), message["recorded"]
         return None
 
+    def result(self) -> str | None:
+        """The run's result (JSON text) as the child relayed it: what a
+        callable returned, or a command's exit code and last output lines."""
+        for event in ("result", "exit"):
+            message = self._message(event)
+            if message and message.get("result") is not None:
+                return message["result"]
+        return None
+
     def outcome(self, stopping: bool = False) -> tuple[str, str | None]:
         """(what happened, error text): succeeded, failed, handoff or
         dropped (the run lost its job; nothing may be recorded). While the

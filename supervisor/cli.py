@@ -316,7 +316,7 @@ def _jobs_table(found, wide: bool = False):
 @app.command()
 @reports_errors
 def job(job_id: Annotated[int, typer.Argument(metavar="ID")], config: ConfigOption = None, json_: JsonOption = False):
-    """One job with its checkpoint, last error and event history."""
+    """One job with its checkpoint, result, last error and event history."""
     found = open_queue(config).get(job_id)
     if json_:
         print_json(found.to_dict())
@@ -343,7 +343,7 @@ def _job_fields(job) -> list[tuple[str, str]]:
         value = data[key]
         if value is None:
             return NONE
-        return json.dumps(value, ensure_ascii=False) if key in ("args", "kwargs", "checkpoint") else str(value)
+        return json.dumps(value, ensure_ascii=False) if key in ("args", "kwargs", "checkpoint", "result") else str(value)
 
     server = NONE if job.server is None else f"{job.server_name or '?'} ({job.server})"
     return [
@@ -351,7 +351,7 @@ def _job_fields(job) -> list[tuple[str, str]]:
         ("attempts", f"{job.attempts} of {job.max_attempts}"),
         ("interruptions", f"{job.interruptions} of {job.max_interruptions}"),
         ("server", server),
-        *((key, shown(key)) for key in ("run_at", "created_at", "started_at", "finished_at", "checkpoint")),
+        *((key, shown(key)) for key in ("run_at", "created_at", "started_at", "finished_at", "checkpoint", "result")),
     ]
 
 

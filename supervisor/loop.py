@@ -71,7 +71,8 @@ class Supervisor:
         self.dropping = False  # outcomes are not ours to record any more
         self.exit_requested = False
         self.draining = False  # shutdown step 2: the loop runs, claiming has stopped
-        self.pending: list[tuple[Job, str, str | None]] = []  # outcomes to record
+        # outcomes to record: (job, kind, error, result JSON)
+        self.pending: list[tuple[Job, str, str | None, str | None]] = []
         self.last_beat_sent = self.clock()
         self.beat_failing_since: float | None = None
         self.fenced = False  # we killed our children for want of a heartbeat
@@ -287,7 +288,7 @@ class Supervisor:
         except TargetRefused as exc:
             event("job %d (%s) refused: %s", job.id, job.target, exc, level=logging.WARNING,
                   event="refused", job=job.id)
-            self.pending.append((job, "refused", str(exc)))
+            self.pending.append((job, "refused", str(exc), None))
             self.record_pending()
             return
         assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice,
@@ -342,24 +343,25 @@ class Supervisor:
                   why, event="dropped", job=child.job.id)
             return
         self.next_claim = self.clock()
-        self.pending.append((child.job, kind, error))
+        self.pending.append((child.job, kind, error, child.result()))
         self.record_pending()
 
     def record_pending(self) -> None:
         """Write finished jobs' outcomes, fenced by their lease. Kept in
         memory and retried while the database is unreachable."""
         while self.pending:
-            job, kind, error = self.pending[0]
+            job, kind, error, result = self.pending[0]
             try:
-                self._record(job, kind, error)
+                self._record(job, kind, error, result)
             except StorageUnavailable as exc:
                 event("cannot record job %d yet: %s", job.id, exc, level=logging.WARNING,
                       event="db_unreachable", job=job.id)
                 return
             self.pending.pop(0)
 
-    def _record(self, job, kind: str, error: str | None) -> None:
-        state = write_outcome(self.storage, job, self.server_id, kind, error, self.config.jobs.retry_backoff)
+    def _record(self, job, kind: str, error: str | None, result: str | None = None) -> None:
+        state = write_outcome(self.storage, job, self.server_id, kind, error, self.config.jobs.retry_backoff,
+                              result)
         self._log_outcome(job, kind, error, state)
 
     def _log_outcome(self, job, kind: str, error: str | None, state: str, by: str = "") -> None:

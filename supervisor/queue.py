@@ -1,10 +1,11 @@
 """The Python API for producers and operators: `from supervisor import Queue`."""
 
+import time
 from datetime import datetime
 
 from supervisor.config import Config, load_config
 from supervisor.database import command_bounds, ensure_schema, make_engine, mask_url, missing_sqlite_file
-from supervisor.errors import ActionRefused, JobNotFound, UnknownServer
+from supervisor.errors import ActionRefused, JobFailed, JobNotFound, UnknownServer
 from supervisor.jobspec import new_job
 from supervisor.records import JOB_STATES, Job, QueueSummary, Server
 from supervisor.storage import COUNTED_STATES, EventHistogram, JobFilter, JobPage, Storage
@@ -89,6 +90,22 @@ class Queue:
     def get(self, job_id: int) -> Job:
         """A job with its event history (JobNotFound if there is none)."""
         return self.storage.get(job_id)
+
+    def result(self, job_id: int, timeout: float | None = None, poll: float = 0.2):
+        """Wait for a job to finish and return its result: what its callable
+        returned (JSON data), or for a command job {"exit_code", "output"}.
+        Raises JobFailed (with the job's error) if it failed, TimeoutError
+        after `timeout` seconds (None: wait as long as it takes)."""
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.storage.get(job_id)
+            if job.state == "succeeded":
+                return job.result
+            if job.state == "failed":
+                raise JobFailed(job)
+            if give_up is not None and time.monotonic() >= give_up:
+                raise TimeoutError(f"job {job_id} is still {job.state} after {timeout:g}s")
+            time.sleep(poll if give_up is None else max(0.0, min(poll, give_up - time.monotonic())))
 
     def jobs(self, state: str | None = None, queue: str | None = None, limit: int = 100) -> list[Job]:
         return self.storage.jobs(state=state, queue=queue, limit=limit)

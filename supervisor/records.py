@@ -46,6 +46,7 @@ class Job:
     checkpoint: object = None
     events: list[Event] | None = None
     server_name: str | None = None  # the name of `server`, where it was read
+    result: object = None  # JSON: a callable's return value; a command's exit_code and output
 
     @property
     def argv(self) -> list[str]:
@@ -77,6 +78,7 @@ class Job:
             checkpoint=None if row.checkpoint is None else json.loads(row.checkpoint),
             events=events,
             server_name=row._mapping.get("server_name"),
+            result=None if row._mapping.get("result") is None else json.loads(row.result),
         )
 
     def to_dict(self) -> dict:
@@ -100,6 +102,7 @@ class Job:
             "finished_at": to_iso(self.finished_at),
             "error": self.error,
             "checkpoint": self.checkpoint,
+            "result": self.result,
         }
         if self.events is not None:
             data["events"] = [event.to_dict() for event in self.events]

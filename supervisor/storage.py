@@ -395,14 +395,15 @@ class Storage:
         if current is not None:
             self._record(conn, [dict(job_id=job_id, kind="stale_write", server_id=server_id, detail=detail)])
 
-    def complete(self, job_id: int, lease: int, server_id: str) -> bool:
-        """Mark the job succeeded and clear its checkpoint. False (and a
-        `stale_write` event) when the lease no longer matches."""
+    def complete(self, job_id: int, lease: int, server_id: str, result: str | None = None) -> bool:
+        """Mark the job succeeded, store its `result` (JSON text, or None)
+        and clear its checkpoint. False (and a `stale_write` event) when the
+        lease no longer matches."""
         with self._write() as conn:
             done = conn.execute(
                 update(jobs)
                 .where(self._fenced(job_id, lease))
-                .values(state="succeeded", finished_at=db_now(), error=None, checkpoint=None)
+                .values(state="succeeded", finished_at=db_now(), error=None, checkpoint=None, result=result)
             )
             if done.rowcount != 1:
                 self._refuse_stale(conn, job_id, lease, server_id, "success")
@@ -412,12 +413,13 @@ class Storage:
 
     def fail(
         self, job_id: int, lease: int, server_id: str, error: str, *,
-        retry_backoff: float, retry: bool = True,
+        retry_backoff: float, retry: bool = True, result: str | None = None,
     ) -> str:
         """Record a failed run. Under max_attempts (and when `retry`), the job
         is `scheduled` again after retry_backoff * 2^(attempts-1) seconds;
-        otherwise it is `failed` with the error kept. Returns the new state,
-        or "stale" when the lease no longer matches."""
+        otherwise it is `failed` with the error (and `result`: a command's
+        exit code and output) kept. Returns the new state, or "stale" when
+        the lease no longer matches."""
         error = error[-MAX_ERROR_CHARS:]
         with self._write() as conn:
             row = conn.execute(
@@ -433,7 +435,7 @@ class Storage:
             else:
                 values = dict(state="failed", finished_at=db_now())
                 kind, detail = "failed", _summary(error)
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(error=error, **values))
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(error=error, result=result, **values))
             self._record(conn, [dict(job_id=job_id, kind=kind, server_id=server_id, detail=detail)])
             return values["state"]
 

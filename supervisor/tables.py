@@ -60,6 +60,8 @@ jobs = Table(
     Column("created_at", Epoch, nullable=False),
     Column("started_at", Epoch),
     Column("finished_at", Epoch),
+    # Added by revision 0005; a 0.1.0 server leaves them NULL.
+    Column("result", LongText),  # JSON: a callable's return value, a command's exit code and output
     sqlite_autoincrement=True,  # never reuse the id of a deleted job
 )
 # Claims read only the `enqueued` slice of this index, in claim order, so

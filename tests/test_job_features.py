@@ -6,9 +6,11 @@ import json
 
 import pytest
 import yaml
+from sqlalchemy import text
 
 from harness import shiftchange, wait_for
-from supervisor import Queue
+from supervisor import JobFailed, Queue
+from supervisor.errors import JobNotFound
 
 
 @pytest.fixture
@@ -55,3 +57,71 @@ def test_enqueue_warns_when_the_local_allow_list_refuses_the_target(db_url, tmp_
     assert allowed.returncode == 0 and "warning" not in allowed.stderr
     with Queue(db_url) as q:
         assert {j.target for j in q.jobs()} == {"other.tasks:work", "myapp.tasks:work"}
+
+
+# --- results ---------------------------------------------------------------------
+
+FEATURES = {"allow": ["featurejobs:*"], "allow_commands": ["sh"], "max_attempts": 1}
+
+
+def test_a_callable_s_return_value_is_its_result_and_a_command_keeps_exit_code_and_output(
+        q, db_url, supervisors, tmp_path):
+    s1 = supervisors(db_url, "s1", jobs=FEATURES)
+    s1.wait_registered(q)
+    value = {"n": 3, "names": ["a", "b"], "ok": True, "none": None}
+    returned = q.enqueue("featurejobs:returns", [value])
+    assert q.result(returned.id, timeout=30) == value
+    shown = shiftchange("job", str(returned.id), "--json", "--config", str(s1.config_path), cwd=tmp_path)
+    assert json.loads(shown.stdout)["result"] == value
+    text = shiftchange("job", str(returned.id), "--config", str(s1.config_path), cwd=tmp_path)
+    assert '"names": ["a", "b"]' in text.stdout
+
+    nothing = q.enqueue("featurejobs:returns", [None])
+    assert q.result(nothing.id, timeout=30) is None
+
+    ok = q.enqueue_command(["sh", "-c", "for i in $(seq 1 30); do echo line $i; done; echo oops >&2"])
+    assert q.result(ok.id, timeout=30) == {
+        "exit_code": 0, "output": [f"line {i}" for i in range(12, 31)] + ["oops"]}
+    bad = q.enqueue_command(["sh", "-c", "echo giving up; exit 3"])
+    with pytest.raises(JobFailed, match="exit code 3|exit status 3|3"):
+        q.result(bad.id, timeout=30)
+    assert q.get(bad.id).result == {"exit_code": 3, "output": ["giving up"]}
+    assert "giving up" in s1.log_path.with_suffix(".out").read_text()  # still passed on
+
+
+def test_a_return_value_that_is_not_json_fails_the_job_clearly(q, db_url, supervisors):
+    supervisors(db_url, "s1", jobs=FEATURES).wait_registered(q)
+    job = q.enqueue("featurejobs:returns_object")
+    with pytest.raises(JobFailed, match="return value must be JSON-serialisable"):
+        q.result(job.id, timeout=30)
+    failed = q.get(job.id)
+    assert failed.state == "failed" and failed.result is None
+    assert "object is not JSON serializable" in failed.error
+
+
+def test_result_waits_at_most_its_timeout_and_results_are_pruned_with_the_job(q):
+    job = q.enqueue("featurejobs:returns", [1])
+    with pytest.raises(TimeoutError, match="still enqueued"):
+        q.result(job.id, timeout=0.3)
+    (claimed,) = q.storage.claim(_server(q), ["default"])
+    assert q.storage.complete(claimed.id, claimed.lease, claimed.server, '{"kept": 1}')
+    assert q.result(job.id) == {"kept": 1}
+    assert q.storage.sweep(keep=-1) == 1
+    with pytest.raises(JobNotFound):
+        q.result(job.id)
+
+
+def _server(q):
+    return q.storage.register_server(name="t", host="h", pid=1, pid_started_at=None, queues=["default"],
+                                     concurrency=1, dead_after=60.0)
+
+
+def test_a_job_a_0_1_server_completes_has_no_result(q, db_url):
+    """docs/design.md, the row of jobs.result: 0.1.0's complete() does not
+    know the column."""
+    job = q.enqueue("featurejobs:returns", [1])
+    (claimed,) = q.storage.claim(_server(q), ["default"])
+    with q.engine.begin() as conn:  # 0.1.0's complete(): no result column
+        conn.execute(text("UPDATE shiftchange_jobs SET state = 'succeeded', finished_at = 1, error = NULL,"
+                          f" checkpoint = NULL WHERE id = {claimed.id} AND lease = {claimed.lease}"))
+    assert q.result(job.id) is None

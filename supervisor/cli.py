@@ -140,6 +140,7 @@ def enqueue(
     max_attempts: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Failed runs allowed (default: jobs.max_attempts).")] = None,
     at: Annotated[Optional[str], typer.Option("--at", metavar="WHEN", help="Not before this ISO 8601 time, or after a delay like +10m.")] = None,
     command: Annotated[bool, typer.Option("--command", help="TARGET is a command line: enqueue --command -- ARGV...")] = False,
+    unique_key: Annotated[Optional[str], typer.Option("--unique-key", metavar="KEY", help="While a job with KEY is enqueued, scheduled or processing, print its id instead of enqueueing.")] = None,
     config: ConfigOption = None,
 ):
     """Enqueue a job; prints its id alone on stdout."""
@@ -149,12 +150,18 @@ def enqueue(
         raise ConfigError("--args and --kwargs do not apply to --command jobs; put arguments in ARGV")
     run_at, delay = parse_when(at) if at else (None, 0.0)
     q = open_queue(config, create=True)
-    options = dict(queue=queue, priority=priority, max_attempts=max_attempts, run_at=run_at, delay=delay)
+    options = dict(queue=queue, priority=priority, max_attempts=max_attempts, run_at=run_at, delay=delay,
+                   unique_key=unique_key)
     if command:
         job = q.enqueue_command(list(target), **options)
     else:
         job = q.enqueue(target[0], parse_json_option(args, "--args", list) or [],
                         parse_json_option(kwargs, "--kwargs", dict), **options)
+    if job.existed:
+        typer.echo(f"shiftchange: note: job {job.id} ({job.state}) holds unique key {unique_key!r} already; "
+                   "nothing enqueued", err=True)
+        typer.echo(job.id)
+        return
     warn_if_not_allowed(q.config, job)
     if not q.served(queue):
         typer.echo(f"shiftchange: note: no running server serves queue {queue!r} yet; the job waits for one", err=True)

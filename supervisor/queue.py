@@ -1,6 +1,7 @@
 """The Python API for producers and operators: `from supervisor import Queue`."""
 
 import time
+from dataclasses import replace
 from datetime import datetime
 
 from supervisor.config import Config, load_config
@@ -61,12 +62,15 @@ class Queue:
         max_interruptions: int | None = None,
         run_at: datetime | None = None,
         delay: float = 0.0,
+        unique_key: str | None = None,
     ) -> Job:
-        """Enqueue a call of `target` ("package.module:function")."""
+        """Enqueue a call of `target` ("package.module:function"). With a
+        `unique_key` that an enqueued, scheduled or processing job holds,
+        nothing is enqueued: that job is returned, with `existed` True."""
         return self._enqueue(
             target=target, args=args, kwargs=kwargs, queue=queue, priority=priority,
             max_attempts=max_attempts, max_interruptions=max_interruptions,
-            run_at=run_at, delay=delay,
+            run_at=run_at, delay=delay, unique_key=unique_key,
         )
 
     def enqueue_command(self, argv: list[str], **options) -> Job:
@@ -84,8 +88,9 @@ class Queue:
             run_at=None if run_at is None else _epoch(run_at),
             **spec,
         )
-        (job_id,) = self.storage.enqueue(job)
-        return self.storage.get(job_id)
+        (done,) = self.storage.enqueue_jobs([job])
+        found = self.storage.get(done.id)
+        return replace(found, existed=True) if done.existed else found
 
     def get(self, job_id: int) -> Job:
         """A job with its event history (JobNotFound if there is none)."""

@@ -47,6 +47,10 @@ class Job:
     events: list[Event] | None = None
     server_name: str | None = None  # the name of `server`, where it was read
     result: object = None  # JSON: a callable's return value; a command's exit_code and output
+    unique_key: str | None = None
+    # Set by an enqueue that found this job holding its unique key already
+    # (never stored, never in to_dict).
+    existed: bool = False
 
     @property
     def argv(self) -> list[str]:
@@ -79,6 +83,7 @@ class Job:
             events=events,
             server_name=row._mapping.get("server_name"),
             result=None if row._mapping.get("result") is None else json.loads(row.result),
+            unique_key=row._mapping.get("unique_key"),
         )
 
     def to_dict(self) -> dict:
@@ -103,6 +108,7 @@ class Job:
             "error": self.error,
             "checkpoint": self.checkpoint,
             "result": self.result,
+            "unique_key": self.unique_key,
         }
         if self.events is not None:
             data["events"] = [event.to_dict() for event in self.events]

@@ -3,6 +3,8 @@ databases: imports from the project directory, results, unique jobs,
 timeouts, bulk enqueue and recurring jobs."""
 
 import json
+import multiprocessing
+import time
 
 import pytest
 import yaml
@@ -10,7 +12,7 @@ from sqlalchemy import text
 
 from harness import shiftchange, wait_for
 from supervisor import JobFailed, Queue
-from supervisor.errors import JobNotFound
+from supervisor.errors import InvalidJob, JobNotFound
 
 
 @pytest.fixture
@@ -125,3 +127,73 @@ def test_a_job_a_0_1_server_completes_has_no_result(q, db_url):
         conn.execute(text("UPDATE shiftchange_jobs SET state = 'succeeded', finished_at = 1, error = NULL,"
                           f" checkpoint = NULL WHERE id = {claimed.id} AND lease = {claimed.lease}"))
     assert q.result(job.id) is None
+
+
+# --- unique jobs -----------------------------------------------------------------
+
+
+def _produce_unique(url, key, start_at):
+    """One producer process: enqueue with `key` at `start_at` (epoch), all
+    producers at once; returns (job id, existed)."""
+    with Queue(url) as q:
+        time.sleep(max(0.0, start_at - time.time()))
+        job = q.enqueue("featurejobs:sleep", [0.5], unique_key=key)
+        return job.id, job.existed
+
+
+def test_concurrent_producers_with_one_unique_key_get_one_job(q, db_url, supervisors, tmp_path):
+    producers = 6
+    with multiprocessing.get_context("spawn").Pool(producers) as pool:
+        start_at = time.time() + 6  # after every producer has connected
+        done = pool.starmap(_produce_unique, [(db_url, "report-42", start_at)] * producers)
+    # (no server yet: the job stays enqueued while they race)
+    assert len({job_id for job_id, _ in done}) == 1, done
+    assert sorted(existed for _, existed in done) == [False] + [True] * (producers - 1)
+    (job_id,) = {job_id for job_id, _ in done}
+    assert [j.id for j in q.jobs()] == [job_id]
+
+    # While it waits, the CLI says so and prints its id.
+    config = tmp_path / "cli.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": db_url}}))
+    cli = shiftchange("enqueue", "featurejobs:sleep", "--args", "[0.5]", "--unique-key", "report-42",
+                      "--config", str(config), cwd=tmp_path)
+    assert cli.returncode == 0, cli.stderr
+    assert cli.stdout.strip() == str(job_id) and "already" in cli.stderr
+    supervisors(db_url, "s1", jobs=FEATURES)
+    assert q.result(job_id, timeout=30) == 0.5
+    # Finished: the key is free again.
+    again = q.enqueue("featurejobs:sleep", [0.1], unique_key="report-42")
+    assert again.id != job_id and not again.existed and again.unique_key == "report-42"
+    assert q.result(again.id, timeout=30) == 0.1
+
+
+def test_a_key_left_set_by_a_0_1_server_is_freed_by_the_next_producer(q):
+    """docs/design.md, the row of jobs.unique_active: 0.1.0 finishing a job
+    does not clear it; the producer that collides checks the holder."""
+    first = q.enqueue("featurejobs:returns", [1], unique_key="k")
+    (claimed,) = q.storage.claim(_server(q), ["default"])
+    with q.engine.begin() as conn:  # 0.1.0's complete(): it does not know unique_active
+        conn.execute(text("UPDATE shiftchange_jobs SET state = 'succeeded', finished_at = 1"
+                          f" WHERE id = {claimed.id} AND lease = {claimed.lease}"))
+    second = q.enqueue("featurejobs:returns", [2], unique_key="k")
+    assert second.id != first.id and not second.existed
+    assert q.enqueue("featurejobs:returns", [3], unique_key="k").id == second.id
+
+
+def test_every_way_out_of_the_active_states_frees_the_key(q):
+    server = _server(q)
+    failed = q.enqueue("featurejobs:returns", max_attempts=1, unique_key="f")
+    (run,) = q.storage.claim(server, ["default"])
+    assert q.storage.fail(run.id, run.lease, server, "boom", retry_backoff=0) == "failed"
+    assert q.enqueue("featurejobs:returns", unique_key="f").id != failed.id
+    deleted = q.enqueue("featurejobs:returns", unique_key="d")
+    q.delete(deleted.id)
+    assert q.enqueue("featurejobs:returns", unique_key="d").id != deleted.id
+    # A failed job requeued by an operator takes its key back when it is free...
+    again = q.requeue(failed.id)
+    assert again.state == "enqueued"
+    # (here it is not: the newer job of "f" holds it, so the requeued one runs as a duplicate)
+    newer = q.enqueue("featurejobs:returns", unique_key="f")
+    assert newer.existed and newer.id != failed.id
+    with pytest.raises(InvalidJob, match="unique_key"):
+        q.enqueue("featurejobs:returns", unique_key="")

@@ -26,6 +26,8 @@ class RunningJob:
     kill_reason: str | None = None  # set when the supervisor kills it on purpose
     lease_lost: bool = False  # an operator took the job away: record nothing
     status: int | None = None  # waitpid status once reaped
+    timed_out: str | None = None  # "timed out after 30m", once its timeout passed
+    kill_at: float | None = None  # when a timed-out run's tree gets SIGKILL
     _buffer: bytes = b""
 
     def tell(self, line: str) -> None:
@@ -37,6 +39,12 @@ class RunningJob:
 
     def notice_stop(self) -> None:
         self.tell("S")
+
+    def notice_timeout(self, reason: str) -> None:
+        """The stop notice of a run past its timeout: the same stop as a
+        shutdown's, but its end is a failure, never a handoff."""
+        self.timed_out = reason
+        self.tell("T" + reason)
 
     def renew(self, deadline: float) -> None:
         self.tell(f"R{deadline:.6f}")
@@ -103,6 +111,8 @@ class RunningJob:
         back is fenced by the lease, and the child reaped the job's tree."""
         kind, error = self._outcome()
         ended = self._message("exit")
+        if self.timed_out and kind in ("failed", "handoff"):
+            return "failed", self.timed_out  # an attempt: retried while attempts are left
         if stopping and kind == "failed" and ended and ended.get("code") == -signal.SIGTERM:
             return "handoff", "the job's process received SIGTERM while its server was stopping"
         return kind, error

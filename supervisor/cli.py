@@ -140,6 +140,7 @@ def enqueue(
     max_attempts: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Failed runs allowed (default: jobs.max_attempts).")] = None,
     at: Annotated[Optional[str], typer.Option("--at", metavar="WHEN", help="Not before this ISO 8601 time, or after a delay like +10m.")] = None,
     command: Annotated[bool, typer.Option("--command", help="TARGET is a command line: enqueue --command -- ARGV...")] = False,
+    timeout: Annotated[Optional[str], typer.Option("--timeout", metavar="DURATION", help="How long each run may take from its claim, e.g. 30m (default: jobs.timeout).")] = None,
     unique_key: Annotated[Optional[str], typer.Option("--unique-key", metavar="KEY", help="While a job with KEY is enqueued, scheduled or processing, print its id instead of enqueueing.")] = None,
     config: ConfigOption = None,
 ):
@@ -151,7 +152,7 @@ def enqueue(
     run_at, delay = parse_when(at) if at else (None, 0.0)
     q = open_queue(config, create=True)
     options = dict(queue=queue, priority=priority, max_attempts=max_attempts, run_at=run_at, delay=delay,
-                   unique_key=unique_key)
+                   unique_key=unique_key, timeout=_timeout_option(timeout))
     if command:
         job = q.enqueue_command(list(target), **options)
     else:
@@ -166,6 +167,18 @@ def enqueue(
     if not q.served(queue):
         typer.echo(f"shiftchange: note: no running server serves queue {queue!r} yet; the job waits for one", err=True)
     typer.echo(job.id)
+
+
+def _timeout_option(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--timeout {text!r}: {exc}") from None
+    if seconds <= 0:
+        raise ConfigError(f"--timeout {text!r}: must be greater than 0")
+    return seconds
 
 
 def warn_if_not_allowed(config, job) -> None:

@@ -124,6 +124,7 @@ class Child:
         self.job_pid = None
         self.job_status = None
         self.stop_noticed = False
+        self.timed_out = None  # the supervisor's reason, once the run's timeout passed
         self.inbox = b""  # partial lifeline line
         self.checkpoint_lines = b""  # partial checkpoint line from a command
         self.storage = None  # opened on a command's first checkpoint, or for the outcome
@@ -199,6 +200,8 @@ class Child:
             if delivered is None:
                 return {}  # the job's process died before its code ended
             kind, error, result = delivered
+        if self.timed_out and kind in ("failed", "handoff"):
+            kind, error = "failed", self.timed_out  # not a handoff: its time is up
         recorded = record_finished_run(self._kept_storage, self.assignment.job, self.assignment.server_id,
                                        kind, error, self.assignment.retry_backoff, result=result)
         if recorded:
@@ -330,6 +333,9 @@ class Child:
         *lines, self.inbox = self.inbox.split(b"\n")
         for line in lines:
             if line == b"S":
+                self._notice_stop()
+            elif line.startswith(b"T"):  # the stop of a run past its timeout
+                self.timed_out = line[1:].decode(errors="replace")
                 self._notice_stop()
             elif line.startswith(b"R"):
                 self.deadline = float(line[1:])

@@ -16,7 +16,7 @@ import socket
 
 from supervisor import systemd
 from supervisor.children import RunningJob, spawn
-from supervisor.config import Config
+from supervisor.config import Config, format_duration
 from supervisor.database import bounds_for, ensure_schema, make_engine
 from supervisor.errors import EXIT_OK, StorageRefused, StorageUnavailable
 from supervisor.jobprocess import Assignment
@@ -229,6 +229,7 @@ class Supervisor:
         self.collect_children()
         if self.exit_requested or (self.stop_signal is not None and not self.draining):
             return  # the shutdown sequence starts now, not after a heartbeat
+        self.enforce_timeouts()
         now = self.clock()
         # (Re)connect the LISTEN socket here, never inside wait()'s select
         # path, and not while heartbeats fail: each attempt on a dead
@@ -244,7 +245,7 @@ class Supervisor:
         self._ping_watchdog()
 
     def _next_wake(self) -> float:
-        wakes = [self.next_beat]
+        wakes = [self.next_beat, *self._timeout_deadlines()]
         if self.claiming and not self.quiet and len(self.running) < self.config.server.concurrency:
             wakes.append(self.next_claim)
         if self.watchdog:
@@ -555,6 +556,34 @@ class Supervisor:
         removed = self.storage.sweep(self.config.jobs.keep_finished)
         if removed:
             event("retention: deleted %d finished jobs", removed, event="sweep")
+
+    def enforce_timeouts(self) -> None:
+        """A run past its job's timeout (counted from its claim: time spent
+        enqueued or handed off never counts) gets the shutdown's stop: a
+        stop notice, then after shutdown.kill_after SIGKILL to its whole
+        tree. It fails as an attempt (see RunningJob.outcome)."""
+        now = self.clock()
+        for child in self.running.values():
+            limit = child.job.timeout
+            if limit is None:
+                continue
+            if child.timed_out is None and now >= child.started + limit:
+                child.notice_timeout(f"timed out after {format_duration(limit)}")
+                child.kill_at = now + self.config.shutdown.kill_after
+                event("job %d (%s) %s: stop notice, SIGKILL in %gs", child.job.id, child.job.target,
+                      child.timed_out, self.config.shutdown.kill_after, level=logging.WARNING,
+                      event="timed_out", job=child.job.id)
+            elif child.kill_at is not None and now >= child.kill_at and child.kill_reason is None:
+                child.kill_reason = child.timed_out
+                kill_tree(child.pid)
+
+    def _timeout_deadlines(self) -> list[float]:
+        """When enforce_timeouts() has something to do next."""
+        return [
+            child.kill_at if child.timed_out else child.started + child.job.timeout
+            for child in self.running.values()
+            if child.job.timeout is not None and child.kill_reason is None
+        ]
 
     def _enforce_memory_limit(self) -> None:
         limit = self.config.jobs.memory_limit

@@ -4,9 +4,9 @@ import time
 from dataclasses import replace
 from datetime import datetime
 
-from supervisor.config import Config, load_config
+from supervisor.config import Config, load_config, parse_duration
 from supervisor.database import command_bounds, ensure_schema, make_engine, mask_url, missing_sqlite_file
-from supervisor.errors import ActionRefused, JobFailed, JobNotFound, UnknownServer
+from supervisor.errors import ActionRefused, InvalidJob, JobFailed, JobNotFound, UnknownServer
 from supervisor.jobspec import new_job
 from supervisor.records import JOB_STATES, Job, QueueSummary, Server
 from supervisor.storage import COUNTED_STATES, EventHistogram, JobFilter, JobPage, Storage
@@ -63,14 +63,17 @@ class Queue:
         run_at: datetime | None = None,
         delay: float = 0.0,
         unique_key: str | None = None,
+        timeout: float | str | None = None,
     ) -> Job:
         """Enqueue a call of `target` ("package.module:function"). With a
         `unique_key` that an enqueued, scheduled or processing job holds,
-        nothing is enqueued: that job is returned, with `existed` True."""
+        nothing is enqueued: that job is returned, with `existed` True.
+        `timeout` (seconds or a duration such as "30m"; default
+        jobs.timeout): how long each run may take from its claim."""
         return self._enqueue(
             target=target, args=args, kwargs=kwargs, queue=queue, priority=priority,
             max_attempts=max_attempts, max_interruptions=max_interruptions,
-            run_at=run_at, delay=delay, unique_key=unique_key,
+            run_at=run_at, delay=delay, unique_key=unique_key, timeout=timeout,
         )
 
     def enqueue_command(self, argv: list[str], **options) -> Job:
@@ -78,9 +81,10 @@ class Queue:
         argv[0]). Takes the same keyword options as enqueue()."""
         return self._enqueue(command=list(argv), **options)
 
-    def _enqueue(self, *, run_at=None, max_attempts=None, max_interruptions=None, **spec) -> Job:
+    def _enqueue(self, *, run_at=None, max_attempts=None, max_interruptions=None, timeout=None, **spec) -> Job:
         jobs_config = self.config.jobs
         job = new_job(
+            timeout=jobs_config.timeout if timeout is None else _seconds(timeout, "timeout"),
             max_attempts=jobs_config.max_attempts if max_attempts is None else max_attempts,
             max_interruptions=(
                 jobs_config.max_interruptions if max_interruptions is None else max_interruptions
@@ -237,6 +241,16 @@ class Queue:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _seconds(value, what: str) -> float:
+    """A number of seconds, or a duration such as "30m" (InvalidJob if not)."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise InvalidJob(f"{what}: {exc}") from None
+    return value
 
 
 def _epoch(moment: datetime) -> float:

@@ -48,6 +48,7 @@ class Job:
     server_name: str | None = None  # the name of `server`, where it was read
     result: object = None  # JSON: a callable's return value; a command's exit_code and output
     unique_key: str | None = None
+    timeout: float | None = None  # seconds a run may take from its claim
     # Set by an enqueue that found this job holding its unique key already
     # (never stored, never in to_dict).
     existed: bool = False
@@ -84,6 +85,7 @@ class Job:
             server_name=row._mapping.get("server_name"),
             result=None if row._mapping.get("result") is None else json.loads(row.result),
             unique_key=row._mapping.get("unique_key"),
+            timeout=row._mapping.get("timeout"),
         )
 
     def to_dict(self) -> dict:
@@ -109,6 +111,7 @@ class Job:
             "checkpoint": self.checkpoint,
             "result": self.result,
             "unique_key": self.unique_key,
+            "timeout": self.timeout,
         }
         if self.events is not None:
             data["events"] = [event.to_dict() for event in self.events]

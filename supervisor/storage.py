@@ -236,6 +236,7 @@ class Storage:
                 created_at=db_now(),
                 unique_key=spec.unique_key,
                 unique_active=spec.unique_key,
+                timeout=spec.timeout,
             )
         )
         job_id = result.inserted_primary_key[0]

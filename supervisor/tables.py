@@ -65,6 +65,7 @@ jobs = Table(
     Column("unique_key", String(200)),  # given by the producer
     # = unique_key while enqueued, scheduled or processing; NULL otherwise.
     Column("unique_active", String(200)),
+    Column("timeout", Double),  # seconds a run may take from its claim; NULL: no limit
     sqlite_autoincrement=True,  # never reuse the id of a deleted job
 )
 # Claims read only the `enqueued` slice of this index, in claim order, so

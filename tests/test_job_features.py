@@ -10,7 +10,7 @@ import pytest
 import yaml
 from sqlalchemy import text
 
-from harness import shiftchange, wait_for
+from harness import alive, shiftchange, wait_for
 from supervisor import JobFailed, Queue
 from supervisor.errors import InvalidJob, JobNotFound
 
@@ -197,3 +197,38 @@ def test_every_way_out_of_the_active_states_frees_the_key(q):
     assert newer.existed and newer.id != failed.id
     with pytest.raises(InvalidJob, match="unique_key"):
         q.enqueue("featurejobs:returns", unique_key="")
+
+
+# --- timeouts --------------------------------------------------------------------
+
+
+def test_a_timeout_kills_a_tree_that_ignores_sigterm_and_the_run_fails_as_an_attempt(
+        q, db_url, supervisors, records):
+    supervisors(db_url, "s1", jobs=FEATURES, shutdown={"kill_after": "500ms"}).wait_registered(q)
+    job = q.enqueue("featurejobs:stubborn_tree", [str(records)], timeout="1500ms", max_attempts=2)
+    pids = wait_for(lambda: (records / "pids").exists() and (records / "pids").read_text().split(),
+                    what="the job to record its pids")
+    with pytest.raises(JobFailed, match="timed out after 1.5s"):
+        q.result(job.id, timeout=30)
+    done = q.get(job.id)
+    assert done.attempts == 2 and done.error == "timed out after 1.5s", [(e.kind, e.detail) for e in done.events]
+    kinds = [e.kind for e in done.events]
+    assert kinds.count("retry_scheduled") == 1 and kinds[-1] == "failed"
+    for pid in [int(p) for p in pids] + [int(p) for p in (records / "pids").read_text().split()]:
+        wait_for(lambda: not alive(pid), timeout=5, what=f"process {pid} of the timed-out tree to be gone")
+
+
+def test_time_spent_enqueued_does_not_count_and_jobs_timeout_is_the_default(q, db_url, supervisors, tmp_path):
+    job = q.enqueue("featurejobs:sleep", [1.0], timeout=2)
+    config = tmp_path / "producer.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": db_url}, "jobs": {"timeout": "45m"}}))
+    cli = shiftchange("enqueue", "featurejobs:sleep", "--args", "[0.1]", "--config", str(config), cwd=tmp_path)
+    cli_timeout = shiftchange("enqueue", "featurejobs:sleep", "--args", "[0.1]", "--timeout", "30m",
+                              "--config", str(config), cwd=tmp_path)
+    bad = shiftchange("enqueue", "featurejobs:sleep", "--timeout", "soon", "--config", str(config), cwd=tmp_path)
+    assert bad.returncode == 2 and "--timeout" in bad.stderr
+    assert q.get(int(cli.stdout)).timeout == 45 * 60
+    assert q.get(int(cli_timeout.stdout)).to_dict()["timeout"] == 30 * 60
+    time.sleep(2.5)  # the scenario: it waits enqueued longer than its timeout
+    supervisors(db_url, "s1", jobs=FEATURES)
+    assert q.result(job.id, timeout=30) == 1.0

@@ -1,4 +1,4 @@
-"""The job features of 0.2 (issue 13): results, unique jobs.
+"""The job features of 0.2 (issue 13): results, unique jobs, timeouts.
 
 Additive: release 0.1.0 (schema 0002) keeps running on this schema. It
 never reads or writes the new columns: a job it completes keeps a NULL
@@ -13,7 +13,7 @@ Revises: 0004
 import sqlalchemy as sa
 from alembic import op
 
-from supervisor.tables import LongText
+from supervisor.tables import Epoch, LongText
 
 revision = "0005"
 # 0004 (releases) is on another branch; until it is merged this chains from
@@ -38,6 +38,8 @@ def upgrade():
     op.add_column("shiftchange_jobs", sa.Column("unique_key", sa.String(200)))
     op.add_column("shiftchange_jobs", sa.Column("unique_active", sa.String(200)))
     op.create_index("ux_shiftchange_jobs_unique_active", "shiftchange_jobs", ["unique_active"], unique=True)
+    # Seconds a run may take from its claim; NULL: no limit.
+    op.add_column("shiftchange_jobs", sa.Column("timeout", Epoch))
 
 
 def downgrade():

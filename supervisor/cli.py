@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from supervisor.config import load_config, parse_duration
-from supervisor.errors import EXIT_USAGE, ConfigError, ShiftchangeError
+from supervisor.errors import EXIT_USAGE, ConfigError, InvalidJob, ShiftchangeError
 from supervisor.logs import mask_secrets
 from supervisor.targets import AllowList, TargetRefused
 
@@ -132,7 +132,7 @@ def parse_json_option(text: str | None, option: str, kind: type):
 @app.command()
 @reports_errors
 def enqueue(
-    target: Annotated[list[str], typer.Argument(metavar="TARGET", help="package.module:function, or with --command the argv after --.")],
+    target: Annotated[Optional[list[str]], typer.Argument(metavar="TARGET", help="package.module:function, or with --command the argv after --.")] = None,
     args: Annotated[Optional[str], typer.Option("--args", metavar="JSON", help="Positional arguments as a JSON array.")] = None,
     kwargs: Annotated[Optional[str], typer.Option("--kwargs", metavar="JSON", help="Keyword arguments as a JSON object.")] = None,
     queue: Annotated[str, typer.Option("--queue", "-q", metavar="QUEUE", help="Queue name.")] = "default",
@@ -142,9 +142,17 @@ def enqueue(
     command: Annotated[bool, typer.Option("--command", help="TARGET is a command line: enqueue --command -- ARGV...")] = False,
     timeout: Annotated[Optional[str], typer.Option("--timeout", metavar="DURATION", help="How long each run may take from its claim, e.g. 30m (default: jobs.timeout).")] = None,
     unique_key: Annotated[Optional[str], typer.Option("--unique-key", metavar="KEY", help="While a job with KEY is enqueued, scheduled or processing, print its id instead of enqueueing.")] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", metavar="FILE", help="Enqueue the jobs of a JSON-lines file (- for stdin), one object a line with enqueue()'s keys; all or nothing.")] = None,
     config: ConfigOption = None,
 ):
-    """Enqueue a job; prints its id alone on stdout."""
+    """Enqueue a job; prints its id alone on stdout (with --from: one id a line)."""
+    if from_ is not None:
+        if target or command or args or kwargs or at or unique_key or timeout:
+            raise ConfigError("--from takes the jobs from FILE: give no TARGET and no other job options")
+        for job_id in enqueue_from(open_queue(config, create=True), from_):
+            typer.echo(job_id)
+        return
+    target = target or []
     if not command and len(target) != 1:
         raise ConfigError("give exactly one TARGET (or use --command -- ARGV...)")
     if command and (args or kwargs):
@@ -167,6 +175,29 @@ def enqueue(
     if not q.served(queue):
         typer.echo(f"shiftchange: note: no running server serves queue {queue!r} yet; the job waits for one", err=True)
     typer.echo(job.id)
+
+
+def enqueue_from(q, path: str) -> list[int]:
+    """Enqueue the JSON lines of `path` (- for stdin), checked first: a line
+    that is not a valid job fails them all, naming its line, before
+    anything is inserted. Blank lines are skipped."""
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise ConfigError(f"--from {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--from {path}: not UTF-8 text") from None
+    specs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            specs.append(q.job_spec(json.loads(line)))
+        except ValueError as exc:  # json's errors and InvalidJob alike
+            raise ConfigError(f"{path}, line {number}: {exc}; nothing was enqueued") from None
+        except InvalidJob as exc:
+            raise ConfigError(f"{path}, line {number}: {exc}; nothing was enqueued") from None
+    return q.enqueue_specs(specs)
 
 
 def _timeout_option(text: str | None) -> float | None:

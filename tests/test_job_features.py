@@ -4,13 +4,15 @@ timeouts, bulk enqueue and recurring jobs."""
 
 import json
 import multiprocessing
+import subprocess
+import sys
 import time
 
 import pytest
 import yaml
 from sqlalchemy import text
 
-from harness import alive, shiftchange, wait_for
+from harness import alive, clean_env, shiftchange, wait_for
 from supervisor import JobFailed, Queue
 from supervisor.errors import InvalidJob, JobNotFound
 
@@ -232,3 +234,51 @@ def test_time_spent_enqueued_does_not_count_and_jobs_timeout_is_the_default(q, d
     time.sleep(2.5)  # the scenario: it waits enqueued longer than its timeout
     supervisors(db_url, "s1", jobs=FEATURES)
     assert q.result(job.id, timeout=30) == 1.0
+
+
+# --- bulk enqueue ----------------------------------------------------------------
+
+
+def test_enqueue_from_a_file_is_all_or_nothing_and_names_the_bad_line(q, db_url, supervisors, tmp_path):
+    config = tmp_path / "producer.yaml"
+    config.write_text(yaml.safe_dump({"database": {"url": db_url}}))
+    lines = [json.dumps({"target": "featurejobs:returns", "args": [n], "priority": n % 3, "queue": "bulk"})
+             for n in range(2500)]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines[:1200] + ['{"target": "featurejobs:returns", "args": 5}'] + lines[1200:]))
+    refused = shiftchange("enqueue", "--from", str(bad), "--config", str(config), cwd=tmp_path)
+    assert refused.returncode == 2 and "line 1201" in refused.stderr and "args must be a list" in refused.stderr
+    assert q.counts()["enqueued"] == 0
+
+    not_json = subprocess.run([sys.executable, "-m", "supervisor", "enqueue", "--from", "-", "--config",
+                               str(config)], input=lines[0] + "\n{nope\n", capture_output=True, text=True,
+                              cwd=tmp_path, env=clean_env(), timeout=60)
+    assert not_json.returncode == 2 and "-, line 2" in not_json.stderr
+    assert q.counts()["enqueued"] == 0
+
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(lines[:1500]) + "\n\n" + json.dumps({"target": "featurejobs:returns", "args": [7]})
+                    + "\n" + json.dumps({"command": ["sh", "-c", "echo from the file"], "timeout": "1m"}) + "\n")
+    done = shiftchange("enqueue", "--from", str(good), "--config", str(config), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    ids = [int(line) for line in done.stdout.split()]
+    assert len(ids) == 1502 and len(set(ids)) == 1502  # over two batches
+    assert q.queue_counts()["bulk"]["enqueued"] == 1500
+    supervisors(db_url, "s1", jobs=FEATURES)  # serves `default`: the last two
+    assert q.result(ids[-2], timeout=60) == 7
+    assert q.result(ids[-1], timeout=60)["output"] == ["from the file"]
+    assert q.get(ids[-1]).timeout == 60
+
+
+def test_enqueue_many_checks_every_job_before_inserting_any(q):
+    with pytest.raises(InvalidJob, match="job 3: unknown key 'targt'"):
+        q.enqueue_many([{"target": "featurejobs:returns"}, {"target": "featurejobs:returns"},
+                        {"targt": "featurejobs:returns"}])
+    with pytest.raises(InvalidJob, match="job 2: .*not 'package.module:function'"):
+        q.enqueue_many([{"target": "featurejobs:returns"}, {"target": "nope"}])
+    assert q.counts()["enqueued"] == 0
+    ids = q.enqueue_many([{"target": "featurejobs:returns", "args": [n], "unique_key": f"k{n % 2}"}
+                          for n in range(4)] + [{"target": "featurejobs:returns",
+                                                 "run_at": "2100-01-01T00:00:00Z"}], batch=2)
+    assert ids[0] == ids[2] and ids[1] == ids[3] and len(set(ids)) == 3
+    assert q.get(ids[4]).state == "scheduled"

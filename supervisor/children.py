@@ -26,6 +26,8 @@ class RunningJob:
     kill_reason: str | None = None  # set when the supervisor kills it on purpose
     lease_lost: bool = False  # an operator took the job away: record nothing
     status: int | None = None  # waitpid status once reaped
+    timed_out: str | None = None  # "timed out after 30m", once its timeout passed
+    kill_at: float | None = None  # when a timed-out run's tree gets SIGKILL
     _buffer: bytes = b""
 
     def tell(self, line: str) -> None:
@@ -37,6 +39,12 @@ class RunningJob:
 
     def notice_stop(self) -> None:
         self.tell("S")
+
+    def notice_timeout(self, reason: str) -> None:
+        """The stop notice of a run past its timeout: the same stop as a
+        shutdown's, but its end is a failure, never a handoff."""
+        self.timed_out = reason
+        self.tell("T" + reason)
 
     def renew(self, deadline: float) -> None:
         self.tell(f"R{deadline:.6f}")
@@ -81,6 +89,15 @@ class RunningJob:
                 return message.get("outcome"), message.get("error"), message["recorded"]
         return None
 
+    def result(self) -> str | None:
+        """The run's result (JSON text) as the child relayed it: what a
+        callable returned, or a command's exit code and last output lines."""
+        for event in ("result", "exit"):
+            message = self._message(event)
+            if message and message.get("result") is not None:
+                return message["result"]
+        return None
+
     def outcome(self, stopping: bool = False) -> tuple[str, str | None]:
         """(what happened, error text): succeeded, failed, handoff or
         dropped (the run lost its job; nothing may be recorded). While the
@@ -94,6 +111,8 @@ class RunningJob:
         back is fenced by the lease, and the child reaped the job's tree."""
         kind, error = self._outcome()
         ended = self._message("exit")
+        if self.timed_out and kind in ("failed", "handoff"):
+            return "failed", self.timed_out  # an attempt: retried while attempts are left
         if stopping and kind == "failed" and ended and ended.get("code") == -signal.SIGTERM:
             return "handoff", "the job's process received SIGTERM while its server was stopping"
         return kind, error

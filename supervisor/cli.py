@@ -15,8 +15,9 @@ from typing import Annotated, Optional
 import typer
 
 from supervisor.config import load_config, parse_duration
-from supervisor.errors import EXIT_USAGE, ConfigError, ShiftchangeError
+from supervisor.errors import EXIT_USAGE, ConfigError, InvalidJob, ShiftchangeError
 from supervisor.logs import mask_secrets
+from supervisor.targets import AllowList, TargetRefused
 
 HELP = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
@@ -131,7 +132,7 @@ def parse_json_option(text: str | None, option: str, kind: type):
 @app.command()
 @reports_errors
 def enqueue(
-    target: Annotated[list[str], typer.Argument(metavar="TARGET", help="package.module:function, or with --command the argv after --.")],
+    target: Annotated[Optional[list[str]], typer.Argument(metavar="TARGET", help="package.module:function, or with --command the argv after --.")] = None,
     args: Annotated[Optional[str], typer.Option("--args", metavar="JSON", help="Positional arguments as a JSON array.")] = None,
     kwargs: Annotated[Optional[str], typer.Option("--kwargs", metavar="JSON", help="Keyword arguments as a JSON object.")] = None,
     queue: Annotated[str, typer.Option("--queue", "-q", metavar="QUEUE", help="Queue name.")] = "default",
@@ -139,24 +140,97 @@ def enqueue(
     max_attempts: Annotated[Optional[int], typer.Option(min=1, metavar="N", help="Failed runs allowed (default: jobs.max_attempts).")] = None,
     at: Annotated[Optional[str], typer.Option("--at", metavar="WHEN", help="Not before this ISO 8601 time, or after a delay like +10m.")] = None,
     command: Annotated[bool, typer.Option("--command", help="TARGET is a command line: enqueue --command -- ARGV...")] = False,
+    timeout: Annotated[Optional[str], typer.Option("--timeout", metavar="DURATION", help="How long each run may take from its claim, e.g. 30m (default: jobs.timeout).")] = None,
+    unique_key: Annotated[Optional[str], typer.Option("--unique-key", metavar="KEY", help="While a job with KEY is enqueued, scheduled or processing, print its id instead of enqueueing.")] = None,
+    from_: Annotated[Optional[str], typer.Option("--from", metavar="FILE", help="Enqueue the jobs of a JSON-lines file (- for stdin), one object a line with enqueue()'s keys; all or nothing.")] = None,
     config: ConfigOption = None,
 ):
-    """Enqueue a job; prints its id alone on stdout."""
+    """Enqueue a job; prints its id alone on stdout (with --from: one id a line)."""
+    if from_ is not None:
+        if target or command or args or kwargs or at or unique_key or timeout:
+            raise ConfigError("--from takes the jobs from FILE: give no TARGET and no other job options")
+        for job_id in enqueue_from(open_queue(config, create=True), from_):
+            typer.echo(job_id)
+        return
+    target = target or []
     if not command and len(target) != 1:
         raise ConfigError("give exactly one TARGET (or use --command -- ARGV...)")
     if command and (args or kwargs):
         raise ConfigError("--args and --kwargs do not apply to --command jobs; put arguments in ARGV")
     run_at, delay = parse_when(at) if at else (None, 0.0)
     q = open_queue(config, create=True)
-    options = dict(queue=queue, priority=priority, max_attempts=max_attempts, run_at=run_at, delay=delay)
+    options = dict(queue=queue, priority=priority, max_attempts=max_attempts, run_at=run_at, delay=delay,
+                   unique_key=unique_key, timeout=_timeout_option(timeout))
     if command:
         job = q.enqueue_command(list(target), **options)
     else:
         job = q.enqueue(target[0], parse_json_option(args, "--args", list) or [],
                         parse_json_option(kwargs, "--kwargs", dict), **options)
+    if job.existed:
+        typer.echo(f"shiftchange: note: job {job.id} ({job.state}) holds unique key {unique_key!r} already; "
+                   "nothing enqueued", err=True)
+        typer.echo(job.id)
+        return
+    warn_if_not_allowed(q.config, job)
     if not q.served(queue):
         typer.echo(f"shiftchange: note: no running server serves queue {queue!r} yet; the job waits for one", err=True)
     typer.echo(job.id)
+
+
+def enqueue_from(q, path: str) -> list[int]:
+    """Enqueue the JSON lines of `path` (- for stdin), checked first: a line
+    that is not a valid job fails them all, naming its line, before
+    anything is inserted. Blank lines are skipped."""
+    try:
+        text = sys.stdin.read() if path == "-" else open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise ConfigError(f"--from {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--from {path}: not UTF-8 text") from None
+    specs = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            specs.append(q.job_spec(json.loads(line)))
+        except ValueError as exc:  # json's errors and InvalidJob alike
+            raise ConfigError(f"{path}, line {number}: {exc}; nothing was enqueued") from None
+        except InvalidJob as exc:
+            raise ConfigError(f"{path}, line {number}: {exc}; nothing was enqueued") from None
+    return q.enqueue_specs(specs)
+
+
+def _timeout_option(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise ConfigError(f"--timeout {text!r}: {exc}") from None
+    if seconds <= 0:
+        raise ConfigError(f"--timeout {text!r}: must be greater than 0")
+    return seconds
+
+
+def warn_if_not_allowed(config, job) -> None:
+    """A target the local config's allow-list refuses fails when claimed by
+    a server with that config: say so now, on stderr (the job is enqueued
+    all the same: the servers may be configured otherwise)."""
+    if config.source is None:
+        return  # no local config: nothing to compare with
+    allow = AllowList(config.jobs.allow, config.jobs.allow_commands)
+    if job.kind == "command":
+        refused = None if job.target in allow.commands else (
+            f"command {job.target!r} is not in jobs.allow_commands of {config.source}")
+    else:
+        try:
+            allow.check_callable(job.target)
+            refused = None
+        except TargetRefused as exc:
+            refused = f"{exc} in {config.source}"
+    if refused:
+        typer.echo(f"shiftchange: warning: job {job.id}: {refused}; a server with this config fails it "
+                   "when it claims it", err=True)
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -293,7 +367,7 @@ def _jobs_table(found, wide: bool = False):
 @app.command()
 @reports_errors
 def job(job_id: Annotated[int, typer.Argument(metavar="ID")], config: ConfigOption = None, json_: JsonOption = False):
-    """One job with its checkpoint, last error and event history."""
+    """One job with its checkpoint, result, last error and event history."""
     found = open_queue(config).get(job_id)
     if json_:
         print_json(found.to_dict())
@@ -320,7 +394,7 @@ def _job_fields(job) -> list[tuple[str, str]]:
         value = data[key]
         if value is None:
             return NONE
-        return json.dumps(value, ensure_ascii=False) if key in ("args", "kwargs", "checkpoint") else str(value)
+        return json.dumps(value, ensure_ascii=False) if key in ("args", "kwargs", "checkpoint", "result") else str(value)
 
     server = NONE if job.server is None else f"{job.server_name or '?'} ({job.server})"
     return [
@@ -328,7 +402,7 @@ def _job_fields(job) -> list[tuple[str, str]]:
         ("attempts", f"{job.attempts} of {job.max_attempts}"),
         ("interruptions", f"{job.interruptions} of {job.max_interruptions}"),
         ("server", server),
-        *((key, shown(key)) for key in ("run_at", "created_at", "started_at", "finished_at", "checkpoint")),
+        *((key, shown(key)) for key in ("run_at", "created_at", "started_at", "finished_at", "checkpoint", "result")),
     ]
 
 

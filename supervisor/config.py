@@ -60,6 +60,27 @@ _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(b|kb|mb|gb|kib|mib|gib)?$", re.I)
 _SIZE_BYTES = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "kib": 1024, "mib": 1024**2, "gib": 1024**3}
 
 
+def parse_timeout(value) -> float | None:
+    """A duration greater than 0, or null / 0 for no limit."""
+    if value in (None, 0, "0", "none", "null"):
+        return None
+    return parse_duration(value)
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as parse_duration reads them: 1800 -> 30m, 90 -> 1m30s."""
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    parts, left = [], seconds
+    for unit in ("d", "h", "m"):
+        whole, left = divmod(left, _UNIT_SECONDS[unit])
+        if whole:
+            parts.append(f"{whole:.0f}{unit}")
+    if left or not parts:
+        parts.append(f"{round(left, 3):g}s")
+    return "".join(parts)
+
+
 def parse_size(value) -> int | None:
     """`512MiB`, `2GB`, a number of bytes, or null/0 for no limit."""
     if value in (None, 0, "0", "none", "null"):
@@ -200,6 +221,10 @@ class JobsConfig:
     keep_finished: float = 7 * 86400.0
     memory_limit: int | None = None  # bytes per job's process tree
     nice: int = 10  # job processes yield the CPU to the supervisor
+    # Directories job processes import targets from, after the server's
+    # working directory (which is always first, as with Celery and RQ).
+    path: tuple[str, ...] = ()
+    timeout: float | None = None  # seconds a run may take; a job's own timeout wins
 
 
 @dataclass(frozen=True)
@@ -278,6 +303,8 @@ SCHEMA = {
         "keep_finished": parse_duration,
         "memory_limit": parse_size,
         "nice": parse_niceness,
+        "path": parse_text_list,
+        "timeout": parse_timeout,
     },
     "log": {"format": parse_choice("text", "json"), "level": parse_choice("debug", "info", "warning", "error")},
     "dashboard": {"token": parse_token, "show_args": parse_bool},

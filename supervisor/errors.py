@@ -76,6 +76,15 @@ class ActionRefused(ShiftchangeError):
     """An operator action that would do harm without --force."""
 
 
+class JobFailed(ShiftchangeError):
+    """Queue.result(): the job failed; the message holds its error."""
+
+    def __init__(self, job):
+        self.job = job
+        lines = [line for line in (job.error or "").strip().splitlines() if line.strip()]
+        super().__init__(f"job {job.id} failed: {lines[-1] if lines else 'no error recorded'}")
+
+
 class LeaseLost(Exception):
     """This run of the job no longer holds its lease: another server owns the
     job now (it was handed off or its server was reaped). Job code should let

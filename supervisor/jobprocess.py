@@ -33,7 +33,9 @@ import traceback
 from dataclasses import dataclass
 
 from supervisor import jobcontext
-from supervisor.errors import HandOff, LeaseLost, StorageUnavailable
+
+from supervisor.errors import HandOff, InvalidJob, LeaseLost, StorageUnavailable
+from supervisor.jobspec import to_json
 from supervisor.outcomes import record_finished_run
 from supervisor.processes import (
     become_subreaper,
@@ -46,10 +48,12 @@ from supervisor.processes import (
     set_title,
 )
 from supervisor.records import Job
-from supervisor.targets import AllowList, resolve_callable
+from supervisor.targets import AllowList, extend_import_path, resolve_callable
 
 CHECKPOINT_FD = 3  # where a command job writes checkpoint lines
 HANDOFF_EXIT_CODE = 75  # EX_TEMPFAIL: a command's way of raising HandOff
+OUTPUT_LINES = 20  # a command's last lines of output kept in its result
+OUTPUT_TAIL_BYTES = 16384  # of which at most this much
 _RESET_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD,
                   signal.SIGPIPE, signal.SIGXFSZ, signal.SIGQUIT)
 
@@ -70,6 +74,7 @@ class Assignment:
     # saves each job a new engine's set-up queries. None: build one from
     # database_url.
     engine: object = None
+    import_path: tuple[str, ...] = ()  # put first on sys.path (targets.job_import_path)
 
 
 def open_storage(assignment: Assignment):
@@ -118,11 +123,14 @@ class Child:
         self.job_pid = None
         self.job_status = None
         self.stop_noticed = False
+        self.timed_out = None  # the supervisor's reason, once the run's timeout passed
         self.inbox = b""  # partial lifeline line
         self.checkpoint_lines = b""  # partial checkpoint line from a command
         self.storage = None  # opened on a command's first checkpoint, or for the outcome
         self.outcome_r = None  # a callable's outcome, sent by its job process
         self.outcome_data = b""
+        self.output = {}  # a command's stdout/stderr pipe -> the fd it is passed on to
+        self.output_tail = b""  # the end of a command's output, for its result
 
     def run(self) -> int:
         # Leader of its own process group, but in the supervisor's session:
@@ -139,10 +147,15 @@ class Child:
             self.notice, job_end = os.pipe()  # checkpoint lines from the command
             # Why an exec failed; closed by a successful exec (O_CLOEXEC).
             self.exec_error, exec_error_w = os.pipe2(os.O_CLOEXEC)
+            # Its stdout and stderr pass through this child, which keeps
+            # their last lines for the job's result.
+            (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+            self.output = {out_r: 1, err_r: 2}
             self.job_pid = os.fork()
             if self.job_pid == 0:
-                exec_command(self.assignment, self.results, job_end, exec_error_w)
-            os.close(exec_error_w)
+                exec_command(self.assignment, self.results, job_end, exec_error_w, (out_w, err_w))
+            for fd in (exec_error_w, out_w, err_w):
+                os.close(fd)
         else:
             job_end, self.notice = os.pipe()  # stop notices to the job's process
             self.outcome_r, outcome_w = os.pipe()  # its outcome, once its code has ended
@@ -157,12 +170,15 @@ class Child:
         os.close(job_end)
         ended = self._watch()
         self._clean_up_tree()
+        self._drain_output()
         if ended:
             status = self.job_status
             how = describe_status(status) if status is not None else "killed after its code had ended"
             code = os.waitstatus_to_exitcode(status) if status is not None else None
-            send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed,
-                 **self._record_outcome(how, code))
+            said = self._record_outcome(how, code)
+            if self.assignment.job.kind == "command":
+                said.setdefault("result", self._command_result(code))  # for the supervisor to record
+            send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed, **said)
         return 0
 
     def _record_outcome(self, how: str, code: int | None) -> dict:
@@ -177,20 +193,54 @@ class Child:
                 return {}
             exec_error = os.read(self.exec_error, 65536).decode(errors="replace")
             kind, error = ("failed", exec_error) if exec_error else command_outcome(how, code, self.stop_noticed)
+            result = self._command_result(code)
         else:
             delivered = self._delivered_outcome()
             if delivered is None:
                 return {}  # the job's process died before its code ended
-            kind, error = delivered
+            kind, error, result = delivered
+        if self.timed_out and kind in ("failed", "handoff"):
+            kind, error = "failed", self.timed_out  # not a handoff: its time is up
         recorded = record_finished_run(self._kept_storage, self.assignment.job, self.assignment.server_id,
-                                       kind, error, self.assignment.retry_backoff)
+                                       kind, error, self.assignment.retry_backoff, result=result)
         if recorded:
             return {"outcome": kind, "error": error, "recorded": recorded}
         if self.assignment.job.kind != "command":
             # Not recorded (the database did not answer): relay what the job's
             # process said, for the supervisor to record.
-            send(self.results, event="result", outcome=kind, error=error)
+            send(self.results, event="result", outcome=kind, error=error, result=result)
         return {}
+
+    def _command_result(self, code: int | None) -> str:
+        """A command's result: its exit code (negative: the signal that
+        killed it) and its last lines of output."""
+        lines = self.output_tail.decode(errors="replace").splitlines()[-OUTPUT_LINES:]
+        return json.dumps({"exit_code": code, "output": lines}, ensure_ascii=False)
+
+    def _pass_output(self, fd: int) -> bool:
+        """Pass what a command wrote on to our own stdout or stderr, and
+        keep its end; False at EOF."""
+        try:
+            data = os.read(fd, 65536)
+        except (BlockingIOError, InterruptedError):
+            return True
+        if not data:
+            return False
+        self.output_tail = (self.output_tail + data)[-OUTPUT_TAIL_BYTES:]
+        try:
+            while data:
+                data = data[os.write(self.output[fd], data):]
+        except OSError:
+            pass  # nobody reads our output: the tail is kept all the same
+        return True
+
+    def _drain_output(self) -> None:
+        """Read what the ended command's tree left in its output pipes (the
+        tree is dead: no writer is left)."""
+        for fd in self.output:
+            os.set_blocking(fd, False)
+            while self._pass_output(fd) and select.select([fd], [], [], 0)[0]:
+                pass
 
     def _read_outcome(self) -> bool:
         """Take what the job's process has sent of its outcome; False at EOF."""
@@ -201,8 +251,9 @@ class Child:
         self.outcome_data += data
         return bool(data)
 
-    def _delivered_outcome(self) -> tuple[str, str | None] | None:
-        """(outcome, error) once the job's process sent its whole outcome line."""
+    def _delivered_outcome(self) -> tuple[str, str | None, str | None] | None:
+        """(outcome, error, result JSON) once the job's process sent its
+        whole outcome line."""
         if self.outcome_r is None:
             return None
         while self._read_outcome() and not self.outcome_data.endswith(b"\n"):
@@ -212,7 +263,7 @@ class Child:
             return None
         try:
             message = json.loads(self.outcome_data)
-            return message["outcome"], message.get("error")
+            return message["outcome"], message.get("error"), message.get("result")
         except (ValueError, KeyError, TypeError):
             return None
 
@@ -241,7 +292,7 @@ class Child:
         because the supervisor is gone or stopped renewing the deadline."""
         watched = [self.lifeline, self.wakeup]
         if self.assignment.job.kind == "command":
-            watched.append(self.notice)
+            watched += [self.notice, *self.output]
         else:
             watched.append(self.outcome_r)  # a long traceback may not fit the pipe's buffer
         while True:
@@ -267,6 +318,9 @@ class Child:
                     watched.remove(self.notice)
             if self.outcome_r in ready and not self._read_outcome():
                 watched.remove(self.outcome_r)
+            for fd in self.output:
+                if fd in ready and not self._pass_output(fd):
+                    watched.remove(fd)
             if self._reap():
                 return True
 
@@ -278,6 +332,9 @@ class Child:
         *lines, self.inbox = self.inbox.split(b"\n")
         for line in lines:
             if line == b"S":
+                self._notice_stop()
+            elif line.startswith(b"T"):  # the stop of a run past its timeout
+                self.timed_out = line[1:].decode(errors="replace")
                 self._notice_stop()
             elif line.startswith(b"R"):
                 self.deadline = float(line[1:])
@@ -403,11 +460,12 @@ def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, clo
     )
     threading.Thread(target=_watch_stop_notices, args=(stop_notices, context), daemon=True).start()
     jobcontext._enter(context)
-    outcome, error = "succeeded", None
+    outcome, error, value = "succeeded", None, None
     try:
         assignment.allow.check_callable(job.target)  # again, before any import
+        extend_import_path(assignment.import_path)
         function = resolve_callable(job.target)
-        call_job(function, job.args, job.kwargs)
+        value = call_job(function, job.args, job.kwargs)
     except HandOff as exc:
         outcome, error = "handoff", str(exc) or "the job raised HandOff"
     except LeaseLost as exc:
@@ -419,11 +477,23 @@ def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, clo
             outcome, error = "failed", f"the job called sys.exit({exc.code!r})"
     except BaseException:
         outcome, error = "failed", traceback.format_exc()
+    result = None
+    if outcome == "succeeded":
+        outcome, error, result = result_of(value)
     # First to the child, which records it: from this moment a dying or
     # late supervisor no longer turns the finished run into a rerun.
-    send(outcome_fd, outcome=outcome, error=error)
+    send(outcome_fd, outcome=outcome, error=error, result=result)
     _flush_stdio()
     os._exit(0)
+
+
+def result_of(value) -> tuple[str, str | None, str | None]:
+    """(outcome, error, result JSON) of a run whose code returned `value`:
+    a value that is not JSON fails the run (it could not be stored)."""
+    try:
+        return "succeeded", None, to_json(value, "the job's return value")
+    except InvalidJob as exc:
+        return "failed", f"{exc}; return JSON data (None, numbers, strings, lists, dicts) or nothing", None
 
 
 class WorkNotDone(Exception):
@@ -465,12 +535,16 @@ def _watch_stop_notices(fd: int, context) -> None:
         pass
 
 
-def exec_command(assignment: Assignment, results: int, checkpoint_fd: int, exec_error: int):
+def exec_command(assignment: Assignment, results: int, checkpoint_fd: int, exec_error: int, output=None):
     """Replace this process with the job's command. Never returns. If it
     cannot, the reason goes to `exec_error` (for the child, which records
-    the failure) and to the supervisor."""
+    the failure) and to the supervisor. `output`: the pipes its stdout and
+    stderr go to."""
     job = assignment.job
     _become_job_process(assignment.nice)
+    if output:
+        for fd, pipe in zip((1, 2), output):
+            os.dup2(pipe, fd)
     if results == CHECKPOINT_FD:
         results = os.dup(results)
     if exec_error == CHECKPOINT_FD:

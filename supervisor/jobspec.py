@@ -12,6 +12,7 @@ from supervisor.targets import check_callable_syntax
 MAX_PAYLOAD_BYTES = 1 << 20  # args + kwargs, and each checkpoint
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MAX_INTERRUPTIONS = 10
+MAX_UNIQUE_KEY = 200
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]{1,200}$")
 
 
@@ -35,6 +36,8 @@ class NewJob:
     max_interruptions: int
     run_at: float | None  # epoch seconds, or None for "now + delay"
     delay: float
+    unique_key: str | None = None  # one active job per key (see Storage.enqueue_jobs)
+    timeout: float | None = None  # seconds a run may take from its claim
 
 
 def to_json(value, what: str, limit: int = MAX_PAYLOAD_BYTES) -> str:
@@ -61,6 +64,8 @@ def new_job(
     max_interruptions: int = DEFAULT_MAX_INTERRUPTIONS,
     run_at: float | None = None,
     delay: float = 0.0,
+    unique_key: str | None = None,
+    timeout: float | None = None,
 ) -> NewJob:
     """Validate a job: a callable `target` or a `command` argv, never both."""
     kind, target, args = _kind_target_args(target, args, command)
@@ -75,6 +80,11 @@ def new_job(
         raise InvalidJob(str(exc)) from None
     if max_attempts < 1 or max_interruptions < 0:
         raise InvalidJob("max_attempts must be >= 1 and max_interruptions >= 0")
+    if unique_key is not None and (not isinstance(unique_key, str) or not 1 <= len(unique_key) <= MAX_UNIQUE_KEY):
+        raise InvalidJob(f"unique_key must be a string of 1 to {MAX_UNIQUE_KEY} characters, not {unique_key!r}")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                or not 0 < timeout < float("inf")):
+        raise InvalidJob(f"timeout must be a number of seconds greater than 0, not {timeout!r}")
     args_json, kwargs_json = to_json(list(args), "args"), to_json(kwargs, "kwargs")
     size = len(args_json.encode()) + len(kwargs_json.encode())
     if size > MAX_PAYLOAD_BYTES:
@@ -92,6 +102,8 @@ def new_job(
         max_interruptions=int(max_interruptions),
         run_at=run_at,
         delay=max(0.0, float(delay)),
+        unique_key=unique_key,
+        timeout=None if timeout is None else float(timeout),
     )
 
 

@@ -17,7 +17,7 @@ import socket
 
 from supervisor import systemd
 from supervisor.children import RunningJob, spawn
-from supervisor.config import Config
+from supervisor.config import Config, format_duration
 from supervisor.database import bounds_for, ensure_schema, make_engine
 from supervisor.errors import EXIT_OK, StorageRefused, StorageUnavailable
 from supervisor.jobprocess import Assignment
@@ -36,7 +36,7 @@ from supervisor.processes import (
 )
 from supervisor.records import Job
 from supervisor.storage import LIVE_SERVER_STATES, Storage
-from supervisor.targets import AllowList, TargetRefused
+from supervisor.targets import AllowList, TargetRefused, job_import_path
 from supervisor.wakeup import Wakeups
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
@@ -57,6 +57,7 @@ class Supervisor:
         self.config = config
         self.db_bounds = bounds_for(config.server.heartbeat_interval, config.server.dead_after)
         self.allow = AllowList(config.jobs.allow, config.jobs.allow_commands)
+        self.import_path = job_import_path(config.jobs.path)
         self.storage: Storage | None = None
         self.server_id: str | None = None
         self.running: dict[int, RunningJob] = {}  # by child pid
@@ -72,7 +73,8 @@ class Supervisor:
         self.dropping = False  # outcomes are not ours to record any more
         self.exit_requested = False
         self.draining = False  # shutdown step 2: the loop runs, claiming has stopped
-        self.pending: list[tuple[Job, str, str | None]] = []  # outcomes to record
+        # outcomes to record: (job, kind, error, result JSON)
+        self.pending: list[tuple[Job, str, str | None, str | None]] = []
         self.last_beat_sent = self.clock()
         self.beat_failing_since: float | None = None
         self.fenced = False  # we killed our children for want of a heartbeat
@@ -231,6 +233,7 @@ class Supervisor:
         self.collect_children()
         if self.exit_requested or (self.stop_signal is not None and not self.draining):
             return  # the shutdown sequence starts now, not after a heartbeat
+        self.enforce_timeouts()
         now = self.clock()
         # (Re)connect the LISTEN socket here, never inside wait()'s select
         # path, and not while heartbeats fail: each attempt on a dead
@@ -246,7 +249,7 @@ class Supervisor:
         self._ping_watchdog()
 
     def _next_wake(self) -> float:
-        wakes = [self.next_beat]
+        wakes = [self.next_beat, *self._timeout_deadlines()]
         if self.claiming and not self.quiet and len(self.running) < self.config.server.concurrency:
             wakes.append(self.next_claim)
         if self.watchdog:
@@ -310,12 +313,12 @@ class Supervisor:
         except TargetRefused as exc:
             event("job %d (%s) refused: %s", job.id, job.target, exc, level=logging.WARNING,
                   event="refused", job=job.id)
-            self.pending.append((job, "refused", str(exc)))
+            self.pending.append((job, "refused", str(exc), None))
             self.record_pending()
             return
         assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice,
                                 self.db_bounds, retry_backoff=self.config.jobs.retry_backoff,
-                                engine=self.storage.engine)
+                                engine=self.storage.engine, import_path=self.import_path)
         child = spawn(assignment, self.fence_deadline(), self.clock())
         self.running[child.pid] = child
         event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,
@@ -365,24 +368,25 @@ class Supervisor:
                   why, event="dropped", job=child.job.id)
             return
         self.next_claim = self.clock()
-        self.pending.append((child.job, kind, error))
+        self.pending.append((child.job, kind, error, child.result()))
         self.record_pending()
 
     def record_pending(self) -> None:
         """Write finished jobs' outcomes, fenced by their lease. Kept in
         memory and retried while the database is unreachable."""
         while self.pending:
-            job, kind, error = self.pending[0]
+            job, kind, error, result = self.pending[0]
             try:
-                self._record(job, kind, error)
+                self._record(job, kind, error, result)
             except StorageUnavailable as exc:
                 event("cannot record job %d yet: %s", job.id, exc, level=logging.WARNING,
                       event="db_unreachable", job=job.id)
                 return
             self.pending.pop(0)
 
-    def _record(self, job, kind: str, error: str | None) -> None:
-        state = write_outcome(self.storage, job, self.server_id, kind, error, self.config.jobs.retry_backoff)
+    def _record(self, job, kind: str, error: str | None, result: str | None = None) -> None:
+        state = write_outcome(self.storage, job, self.server_id, kind, error, self.config.jobs.retry_backoff,
+                              result)
         self._log_outcome(job, kind, error, state)
 
     def _log_outcome(self, job, kind: str, error: str | None, state: str, by: str = "") -> None:
@@ -594,6 +598,34 @@ class Supervisor:
         removed = self.storage.sweep(self.config.jobs.keep_finished)
         if removed:
             event("retention: deleted %d finished jobs", removed, event="sweep")
+
+    def enforce_timeouts(self) -> None:
+        """A run past its job's timeout (counted from its claim: time spent
+        enqueued or handed off never counts) gets the shutdown's stop: a
+        stop notice, then after shutdown.kill_after SIGKILL to its whole
+        tree. It fails as an attempt (see RunningJob.outcome)."""
+        now = self.clock()
+        for child in self.running.values():
+            limit = child.job.timeout
+            if limit is None:
+                continue
+            if child.timed_out is None and now >= child.started + limit:
+                child.notice_timeout(f"timed out after {format_duration(limit)}")
+                child.kill_at = now + self.config.shutdown.kill_after
+                event("job %d (%s) %s: stop notice, SIGKILL in %gs", child.job.id, child.job.target,
+                      child.timed_out, self.config.shutdown.kill_after, level=logging.WARNING,
+                      event="timed_out", job=child.job.id)
+            elif child.kill_at is not None and now >= child.kill_at and child.kill_reason is None:
+                child.kill_reason = child.timed_out
+                kill_tree(child.pid)
+
+    def _timeout_deadlines(self) -> list[float]:
+        """When enforce_timeouts() has something to do next."""
+        return [
+            child.kill_at if child.timed_out else child.started + child.job.timeout
+            for child in self.running.values()
+            if child.job.timeout is not None and child.kill_reason is None
+        ]
 
     def _enforce_memory_limit(self) -> None:
         limit = self.config.jobs.memory_limit

@@ -33,22 +33,26 @@ RECORD_TIMEOUT_S = 5.0
 RECORDABLE = ("succeeded", "failed", "handoff")  # what a run's own side can tell
 
 
-def write_outcome(storage, job, server_id: str, kind: str, error: str | None, retry_backoff: float) -> str:
+def write_outcome(storage, job, server_id: str, kind: str, error: str | None, retry_backoff: float,
+                  result: str | None = None) -> str:
     """The one write that records a finished run, fenced by its lease:
     complete, fail (a retry is scheduled while attempts are left; never for
-    `refused`) or give back (`handoff`). Returns the job's new state, or
-    "stale" when the lease is no longer current (nothing was applied)."""
+    `refused`) or give back (`handoff`). `result` (JSON text) is stored with
+    a success or a failure in the same write. Returns the job's new state,
+    or "stale" when the lease is no longer current (nothing was applied)."""
     if kind == "succeeded":
-        return "succeeded" if storage.complete(job.id, job.lease, server_id) else "stale"
+        return "succeeded" if storage.complete(job.id, job.lease, server_id, result) else "stale"
     if kind == "handoff":
         return storage.give_back(job.id, job.lease, server_id, error or "handed off by the job")
     return storage.fail(
         job.id, job.lease, server_id, error or "failed", retry=kind != "refused", retry_backoff=retry_backoff,
+        result=result,
     )
 
 
 def record_finished_run(open_storage, job, server_id: str, kind: str, error: str | None,
-                        retry_backoff: float, timeout: float = RECORD_TIMEOUT_S) -> str | None:
+                        retry_backoff: float, timeout: float = RECORD_TIMEOUT_S,
+                        result: str | None = None) -> str | None:
     """Called once per finished run by the process that saw it end (a
     long-lived slot running many jobs calls it once per job). Returns the new state or "stale";
     None when the write could not be made within `timeout`: the caller then
@@ -67,7 +71,7 @@ def record_finished_run(open_storage, job, server_id: str, kind: str, error: str
         delay = 0.05
         while True:
             try:
-                outcome.append(write_outcome(open_storage(), job, server_id, kind, error, retry_backoff))
+                outcome.append(write_outcome(open_storage(), job, server_id, kind, error, retry_backoff, result))
                 return
             except StorageUnavailable:
                 if time.monotonic() + delay > give_up:

@@ -1,17 +1,24 @@
 """The Python API for producers and operators: `from supervisor import Queue`."""
 
-from datetime import datetime
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
 
-from supervisor.config import Config, load_config
+from supervisor.config import Config, load_config, parse_duration
 from supervisor.database import command_bounds, ensure_schema, make_engine, mask_url, missing_sqlite_file
-from supervisor.errors import ActionRefused, JobNotFound, UnknownServer
-from supervisor.jobspec import new_job
+from supervisor.errors import ActionRefused, InvalidJob, JobFailed, JobNotFound, UnknownServer
+from supervisor.jobspec import NewJob, new_job
 from supervisor.records import JOB_STATES, Job, QueueSummary, Server
 from supervisor.storage import COUNTED_STATES, EventHistogram, JobFilter, JobPage, Storage
 
 # The job events the dashboard charts and /metrics counts.
 WATCHED_EVENTS = ("succeeded", "failed", "handed_off", "reaped", "stale_write")
 BULK_LIMIT = 10_000  # jobs one "requeue every match" action may touch
+ENQUEUE_BATCH = 1000  # jobs enqueue_many() inserts per transaction
+# The keys of one job in enqueue_many() and `enqueue --from`: enqueue()'s
+# options, `target` or `command`.
+JOB_KEYS = ("target", "command", "args", "kwargs", "queue", "priority", "max_attempts", "max_interruptions",
+            "run_at", "delay", "unique_key", "timeout")
 
 
 class Queue:
@@ -60,22 +67,72 @@ class Queue:
         max_interruptions: int | None = None,
         run_at: datetime | None = None,
         delay: float = 0.0,
+        unique_key: str | None = None,
+        timeout: float | str | None = None,
     ) -> Job:
-        """Enqueue a call of `target` ("package.module:function")."""
+        """Enqueue a call of `target` ("package.module:function"). With a
+        `unique_key` that an enqueued, scheduled or processing job holds,
+        nothing is enqueued: that job is returned, with `existed` True.
+        `timeout` (seconds or a duration such as "30m"; default
+        jobs.timeout): how long each run may take from its claim."""
         return self._enqueue(
             target=target, args=args, kwargs=kwargs, queue=queue, priority=priority,
             max_attempts=max_attempts, max_interruptions=max_interruptions,
-            run_at=run_at, delay=delay,
+            run_at=run_at, delay=delay, unique_key=unique_key, timeout=timeout,
         )
+
+    def enqueue_many(self, jobs, batch: int = ENQUEUE_BATCH) -> list[int]:
+        """Enqueue many jobs: dicts with enqueue()'s options and `target`
+        (or `command`, an argv list); `run_at` may be an ISO 8601 string.
+        Every job is checked first: one that is not valid raises InvalidJob
+        naming it ("job 3: ...") and nothing is inserted. Then they are
+        inserted `batch` to a transaction. Returns their ids, in order (for
+        a unique_key already held, the holder's id)."""
+        specs = []
+        for number, item in enumerate(jobs, 1):
+            try:
+                specs.append(self.job_spec(item))
+            except InvalidJob as exc:
+                raise InvalidJob(f"job {number}: {exc}") from None
+        return self.enqueue_specs(specs, batch)
+
+    def job_spec(self, item) -> NewJob:
+        """A validated job from a dict of enqueue_many() (InvalidJob if not)."""
+        if not isinstance(item, dict):
+            raise InvalidJob(f"expected a JSON object, not {type(item).__name__}")
+        unknown = sorted(set(item) - set(JOB_KEYS))
+        if unknown:
+            raise InvalidJob(f"unknown key {unknown[0]!r} (known: {', '.join(JOB_KEYS)})")
+        options = dict(item)
+        if isinstance(options.get("run_at"), str):
+            options["run_at"] = _iso_time(options["run_at"])
+        try:
+            return self._spec(**options)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise InvalidJob(str(exc)) from None
+
+    def enqueue_specs(self, specs: list[NewJob], batch: int = ENQUEUE_BATCH) -> list[int]:
+        """Insert validated jobs, `batch` to a transaction; their ids."""
+        ids = []
+        for start in range(0, len(specs), batch):
+            ids += [done.id for done in self.storage.enqueue_jobs(specs[start:start + batch])]
+        return ids
 
     def enqueue_command(self, argv: list[str], **options) -> Job:
         """Enqueue a command job (runs only where jobs.allow_commands lists
         argv[0]). Takes the same keyword options as enqueue()."""
         return self._enqueue(command=list(argv), **options)
 
-    def _enqueue(self, *, run_at=None, max_attempts=None, max_interruptions=None, **spec) -> Job:
+    def _enqueue(self, **options) -> Job:
+        (done,) = self.storage.enqueue_jobs([self._spec(**options)])
+        found = self.storage.get(done.id)
+        return replace(found, existed=True) if done.existed else found
+
+    def _spec(self, *, run_at=None, max_attempts=None, max_interruptions=None, timeout=None, **spec) -> NewJob:
+        """A validated job with this queue's config defaults filled in."""
         jobs_config = self.config.jobs
-        job = new_job(
+        return new_job(
+            timeout=jobs_config.timeout if timeout is None else _seconds(timeout, "timeout"),
             max_attempts=jobs_config.max_attempts if max_attempts is None else max_attempts,
             max_interruptions=(
                 jobs_config.max_interruptions if max_interruptions is None else max_interruptions
@@ -83,12 +140,26 @@ class Queue:
             run_at=None if run_at is None else _epoch(run_at),
             **spec,
         )
-        (job_id,) = self.storage.enqueue(job)
-        return self.storage.get(job_id)
 
     def get(self, job_id: int) -> Job:
         """A job with its event history (JobNotFound if there is none)."""
         return self.storage.get(job_id)
+
+    def result(self, job_id: int, timeout: float | None = None, poll: float = 0.2):
+        """Wait for a job to finish and return its result: what its callable
+        returned (JSON data), or for a command job {"exit_code", "output"}.
+        Raises JobFailed (with the job's error) if it failed, TimeoutError
+        after `timeout` seconds (None: wait as long as it takes)."""
+        give_up = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.storage.get(job_id)
+            if job.state == "succeeded":
+                return job.result
+            if job.state == "failed":
+                raise JobFailed(job)
+            if give_up is not None and time.monotonic() >= give_up:
+                raise TimeoutError(f"job {job_id} is still {job.state} after {timeout:g}s")
+            time.sleep(poll if give_up is None else max(0.0, min(poll, give_up - time.monotonic())))
 
     def jobs(self, state: str | None = None, queue: str | None = None, limit: int = 100) -> list[Job]:
         return self.storage.jobs(state=state, queue=queue, limit=limit)
@@ -218,6 +289,25 @@ class Queue:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _seconds(value, what: str) -> float:
+    """A number of seconds, or a duration such as "30m" (InvalidJob if not)."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as exc:
+            raise InvalidJob(f"{what}: {exc}") from None
+    return value
+
+
+def _iso_time(text: str) -> datetime:
+    """An ISO 8601 time, UTC unless it says otherwise."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidJob(f"run_at {text!r} is not an ISO 8601 time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _epoch(moment: datetime) -> float:

@@ -46,6 +46,12 @@ class Job:
     checkpoint: object = None
     events: list[Event] | None = None
     server_name: str | None = None  # the name of `server`, where it was read
+    result: object = None  # JSON: a callable's return value; a command's exit_code and output
+    unique_key: str | None = None
+    timeout: float | None = None  # seconds a run may take from its claim
+    # Set by an enqueue that found this job holding its unique key already
+    # (never stored, never in to_dict).
+    existed: bool = False
 
     @property
     def argv(self) -> list[str]:
@@ -77,6 +83,9 @@ class Job:
             checkpoint=None if row.checkpoint is None else json.loads(row.checkpoint),
             events=events,
             server_name=row._mapping.get("server_name"),
+            result=None if row._mapping.get("result") is None else json.loads(row.result),
+            unique_key=row._mapping.get("unique_key"),
+            timeout=row._mapping.get("timeout"),
         )
 
     def to_dict(self) -> dict:
@@ -100,6 +109,9 @@ class Job:
             "finished_at": to_iso(self.finished_at),
             "error": self.error,
             "checkpoint": self.checkpoint,
+            "result": self.result,
+            "unique_key": self.unique_key,
+            "timeout": self.timeout,
         }
         if self.events is not None:
             data["events"] = [event.to_dict() for event in self.events]

@@ -40,6 +40,19 @@ class Beat:
 
 
 @dataclass(frozen=True)
+class Enqueued:
+    """What an enqueue did with one spec: the job's id, and whether the job
+    was already there (a unique_key held by an active job)."""
+
+    id: int
+    existed: bool = False
+
+
+UNIQUE_RETRIES = 5  # a concurrent producer inserted the same key first: look again
+ACTIVE_STATES = ("enqueued", "scheduled", "processing")
+
+
+@dataclass(frozen=True)
 class Requeued:
     """A job that a handoff or reap took back: its id and new lease token."""
 
@@ -184,10 +197,38 @@ class Storage:
     # producers ---------------------------------------------------------------
 
     def enqueue(self, *specs: NewJob) -> list[int]:
-        """Insert jobs, each with an `enqueued` event. All or nothing."""
-        with self._write() as conn:
-            self._wake(conn)
-            return [self._insert_job(conn, spec) for spec in specs]
+        """Insert jobs, each with an `enqueued` event. All or nothing.
+        Returns their ids (for a unique_key already held: the holder's)."""
+        return [done.id for done in self.enqueue_jobs(specs)]
+
+    def enqueue_jobs(self, specs) -> list[Enqueued]:
+        """Insert jobs in one transaction, all or nothing. A spec whose
+        unique_key an enqueued, scheduled or processing job holds is not
+        inserted: its Enqueued names that job, existed=True. The unique
+        index decides between concurrent producers: the loser's insert
+        fails, and it looks again in a new transaction."""
+        for attempt in range(UNIQUE_RETRIES):
+            try:
+                with self._write() as conn:
+                    self._wake(conn)
+                    return [self._insert_unless_held(conn, spec) for spec in specs]
+            except IntegrityError:
+                if attempt == UNIQUE_RETRIES - 1:
+                    raise
+
+    def _insert_unless_held(self, conn, spec: NewJob) -> Enqueued:
+        if spec.unique_key is not None:
+            holder = conn.execute(
+                select(jobs.c.id, jobs.c.state).where(jobs.c.unique_active == spec.unique_key)
+            ).first()
+            if holder is not None and holder.state in ACTIVE_STATES:
+                return Enqueued(holder.id, existed=True)
+            if holder is not None:
+                # Finished, by a server of 0.1 (which does not clear the
+                # key): free the key, fenced by the state we saw.
+                conn.execute(update(jobs).where(jobs.c.id == holder.id, jobs.c.state == holder.state)
+                             .values(unique_active=None))
+        return Enqueued(self._insert_job(conn, spec))
 
     def _insert_job(self, conn, spec: NewJob) -> int:
         later = spec.run_at is not None or spec.delay > 0
@@ -208,6 +249,9 @@ class Storage:
                 max_interruptions=spec.max_interruptions,
                 lease=0,
                 created_at=db_now(),
+                unique_key=spec.unique_key,
+                unique_active=spec.unique_key,
+                timeout=spec.timeout,
             )
         )
         job_id = result.inserted_primary_key[0]
@@ -522,14 +566,16 @@ class Storage:
         if current is not None:
             self._record(conn, [dict(job_id=job_id, kind="stale_write", server_id=server_id, detail=detail)])
 
-    def complete(self, job_id: int, lease: int, server_id: str) -> bool:
-        """Mark the job succeeded and clear its checkpoint. False (and a
-        `stale_write` event) when the lease no longer matches."""
+    def complete(self, job_id: int, lease: int, server_id: str, result: str | None = None) -> bool:
+        """Mark the job succeeded, store its `result` (JSON text, or None)
+        and clear its checkpoint. False (and a `stale_write` event) when the
+        lease no longer matches."""
         with self._write() as conn:
             done = conn.execute(
                 update(jobs)
                 .where(self._fenced(job_id, lease))
-                .values(state="succeeded", finished_at=db_now(), error=None, checkpoint=None)
+                .values(state="succeeded", finished_at=db_now(), error=None, checkpoint=None, result=result,
+                        unique_active=None)
             )
             if done.rowcount != 1:
                 self._refuse_stale(conn, job_id, lease, server_id, "success")
@@ -539,12 +585,13 @@ class Storage:
 
     def fail(
         self, job_id: int, lease: int, server_id: str, error: str, *,
-        retry_backoff: float, retry: bool = True,
+        retry_backoff: float, retry: bool = True, result: str | None = None,
     ) -> str:
         """Record a failed run. Under max_attempts (and when `retry`), the job
         is `scheduled` again after retry_backoff * 2^(attempts-1) seconds;
-        otherwise it is `failed` with the error kept. Returns the new state,
-        or "stale" when the lease no longer matches."""
+        otherwise it is `failed` with the error (and `result`: a command's
+        exit code and output) kept. Returns the new state, or "stale" when
+        the lease no longer matches."""
         error = error[-MAX_ERROR_CHARS:]
         with self._write() as conn:
             row = conn.execute(
@@ -558,9 +605,9 @@ class Storage:
                 values = dict(state="scheduled", run_at=db_now() + delay, server_id=None)
                 kind, detail = "retry_scheduled", f"attempt {row.attempts} of {row.max_attempts} failed; retry in {delay:g}s: {_summary(error)}"
             else:
-                values = dict(state="failed", finished_at=db_now())
+                values = dict(state="failed", finished_at=db_now(), unique_active=None)
                 kind, detail = "failed", _summary(error)
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(error=error, **values))
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(error=error, result=result, **values))
             self._record(conn, [dict(job_id=job_id, kind=kind, server_id=server_id, detail=detail)])
             return values["state"]
 
@@ -635,7 +682,7 @@ class Storage:
             conn.execute(
                 update(jobs).where(jobs.c.id.in_(poison))
                 .values(
-                    state="failed", finished_at=db_now(),
+                    state="failed", finished_at=db_now(), unique_active=None,
                     error="interrupted more often than max_interruptions allows "
                     "(its server stopped or died while it ran, every time)",
                     **common,
@@ -951,10 +998,12 @@ class Storage:
         that server has killed the old run (it checks its leases every
         heartbeat, and a frozen one's children fence themselves). A job
         that succeeded would run its code again: refused (ActionRefused)
-        unless `force`."""
+        unless `force`. A finished job with a unique_key takes its key
+        back if no other active job holds it (else it runs as a duplicate)."""
         with self._write() as conn:
             row = conn.execute(
-                self._for_update(select(jobs.c.state, jobs.c.server_id).where(jobs.c.id == job_id))
+                self._for_update(select(jobs.c.state, jobs.c.server_id, jobs.c.unique_key, jobs.c.unique_active)
+                                 .where(jobs.c.id == job_id))
             ).first()
             if row is None:
                 raise JobNotFound(f"no job with id {job_id}")
@@ -970,13 +1019,27 @@ class Storage:
             conn.execute(
                 update(jobs).where(jobs.c.id == job_id).values(
                     state="enqueued", run_at=db_now() + hold, server_id=None, lease=jobs.c.lease + 1,
-                    attempts=0, finished_at=None,
+                    attempts=0, finished_at=None, unique_active=self._key_back(conn, row),
                 )
             )
             self._record(conn, [dict(job_id=job_id, kind="requeued", server_id=None,
                                      detail=f"by an operator (was {row.state})")])
             self._wake(conn)
         return self.get(job_id)
+
+    def _key_back(self, conn, row) -> str | None:
+        """The unique key a requeued job may hold again: its own, unless
+        another active job holds it now."""
+        if row.unique_key is None or row.unique_active is not None:
+            return row.unique_active
+        holder = conn.execute(
+            select(jobs.c.id, jobs.c.state).where(jobs.c.unique_active == row.unique_key)
+        ).first()
+        if holder is not None and holder.state in ACTIVE_STATES:
+            return None
+        if holder is not None:  # finished by a 0.1 server, which left the key set
+            conn.execute(update(jobs).where(jobs.c.id == holder.id).values(unique_active=None))
+        return row.unique_key
 
     def delete(self, job_id: int) -> None:
         """Delete a job and its history, or JobNotFound."""

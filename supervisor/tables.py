@@ -67,6 +67,12 @@ jobs = Table(
     # that server had no release. A 0.1.0 server neither writes nor reads them.
     Column("avoid_release", String(200)),
     Column("avoid_until", Epoch),
+    # Added by revision 0006; a 0.1.0 server leaves them NULL.
+    Column("result", LongText),  # JSON: a callable's return value, a command's exit code and output
+    Column("unique_key", String(200)),  # given by the producer
+    # = unique_key while enqueued, scheduled or processing; NULL otherwise.
+    Column("unique_active", String(200)),
+    Column("timeout", Double),  # seconds a run may take from its claim; NULL: no limit
     sqlite_autoincrement=True,  # never reuse the id of a deleted job
 )
 # Claims read only the `enqueued` slice of this index, in claim order, so
@@ -81,6 +87,8 @@ Index(
 Index("ix_shiftchange_jobs_server", jobs.c.server_id, jobs.c.state)
 Index("ix_shiftchange_jobs_due", jobs.c.state, jobs.c.run_at)
 Index("ix_shiftchange_jobs_finished", jobs.c.state, jobs.c.finished_at)
+# One active job per unique key, enforced by the database (NULLs never collide).
+Index("ux_shiftchange_jobs_unique_active", jobs.c.unique_active, unique=True)
 
 servers = Table(
     PREFIX + "servers",

@@ -6,7 +6,9 @@ own process, and only after the same allow-list check passes there too.
 
 import fnmatch
 import importlib
+import os
 import re
+import sys
 import shutil
 import types
 from dataclasses import dataclass
@@ -80,3 +82,18 @@ def resolve_callable(target: str):
     if not callable(obj):
         raise TargetRefused(f"target {target} is not callable")
     return obj
+
+
+def job_import_path(configured=(), cwd: str | None = None) -> tuple[str, ...]:
+    """Where job processes import targets from: the server's working
+    directory first (as Celery and RQ do: `shiftchange run` started in a
+    project directory finds `myapp.tasks`, although a console script's own
+    sys.path lacks it), then jobs.path, relative entries taken from that
+    directory. Computed once, at the server's start."""
+    base = os.path.abspath(cwd or os.getcwd())
+    return tuple(dict.fromkeys([base, *(os.path.join(base, p) for p in configured)]))
+
+
+def extend_import_path(directories) -> None:
+    """Put `directories` first on sys.path (in a job's own process)."""
+    sys.path[:0] = [d for d in directories if d not in sys.path]

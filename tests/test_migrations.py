@@ -110,17 +110,16 @@ def test_an_application_alembic_version_table_is_left_alone(engine):
 
 # --- expand and contract ----------------------------------------------------------
 
-HEAD = head_revision()  # this release's head, whatever additive steps it has
-CONTRACT = "0900"  # a test-only contract step after it
+# After this release's head (RELEASE_HEAD), whatever number that has.
 CONTRACT_STEP = '''"""A test-only contract step: drops a column that 0.1.0 never knew.
 
-Revision ID: 0900
+Revision ID: 9999
 Revises: {head}
 """
 
 from alembic import op
 
-revision = "0900"
+revision = "9999"
 down_revision = "{head}"
 branch_labels = None
 depends_on = None
@@ -180,15 +179,17 @@ def test_a_newer_schema_that_removed_what_this_release_needs_says_upgrade_this_s
 
 @pytest.fixture
 def with_contract_step(tmp_path, monkeypatch):
-    """This release's migrations plus a contract step after its head."""
+    """This release's migrations plus a contract step 9999."""
     from supervisor import database
+
+    release_head = head_revision()
 
     scripts = tmp_path / "migrations"
     shutil.copytree(Path(database.script_location), scripts,
                     ignore=shutil.ignore_patterns("__pycache__"))
-    (scripts / "versions" / "0900_contract.py").write_text(CONTRACT_STEP.replace("{head}", HEAD))
+    (scripts / "versions" / "9999_contract.py").write_text(CONTRACT_STEP.replace("{head}", release_head))
     monkeypatch.setattr(database, "script_location", str(scripts))
-    return scripts
+    return release_head
 
 
 def register(engine, name: str, version: str | None) -> str:
@@ -203,25 +204,26 @@ def register(engine, name: str, version: str | None) -> str:
 
 def test_a_contract_step_runs_only_by_db_upgrade_once_no_live_server_needs_what_it_removes(
         engine, with_contract_step):
-    upgrade(engine, HEAD)
+    release_head = with_contract_step
+    upgrade(engine, release_head)
     old = register(engine, "old-pod", None)  # 0.1.0 records no version
     register(engine, "new-pod", "0.2.0")
     register(engine, "dev-pod", "0.2.0.dev0")  # a development build counts as its release
     # A server or producer at start never applies it...
-    with pytest.raises(SchemaOutOfDate, match=f"revision {CONTRACT}.*only `shiftchange db upgrade`"):
+    with pytest.raises(SchemaOutOfDate, match="revision 9999.*only `shiftchange db upgrade`"):
         ensure_schema(engine)
     # ...and db upgrade names what blocks it.
     with pytest.raises(SchemaUpgradeFailed) as blocked:
         upgrade(engine)
     assert "old-pod on h1 (shiftchange 0.1.0)" in str(blocked.value)
     assert "new-pod" not in str(blocked.value) and "dev-pod" not in str(blocked.value)
-    assert versions(engine) == (HEAD, "0002")
+    assert versions(engine) == (release_head, "0002")
 
     storage = Storage(engine)  # the old pod stops
     storage.release_handoff(old, storage.handoff([old], hold=0, reason="test"))
-    assert upgrade(engine) == (HEAD, CONTRACT)
-    # Release 0.1.0 reads the marker and refuses; 0.2 (this head) still runs.
-    assert versions(engine) == (CONTRACT, HEAD)
+    assert upgrade(engine) == (release_head, "9999")
+    # Release 0.1.0 reads the marker and refuses; 0.2 (this release's head) still runs.
+    assert versions(engine) == ("9999", release_head)
 
 
 def test_release_versions_compare_by_their_numbers():
@@ -253,5 +255,5 @@ def test_a_failed_migration_names_what_failed_not_an_outage(engine):
     with pytest.raises(SchemaUpgradeFailed) as failed:
         ensure_schema(engine)
     message = str(failed.value)
-    assert f"upgrading the schema to revision {HEAD} failed on" in message, message
+    assert f"upgrading the schema to revision {head_revision()} failed on" in message, message
     assert "shiftchange_queues" in message and "cannot reach" not in message, message

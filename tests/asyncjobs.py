@@ -66,9 +66,11 @@ async def hand_off_when_stopping(record_dir):
         while True:
             await asyncio.sleep(0.01)
             ticks += 1
+            if ticks <= 5:  # the test waits for these while the job awaits the notice
+                _log(record_dir, f"job-{job.id}.ticks", str(ticks))
 
-    ticker = asyncio.create_task(tick())
     _log(record_dir, f"job-{job.id}.waiting", str(os.getpid()))
+    ticker = asyncio.create_task(tick())
     stopping = await job.wait_stopping_async(60)
     before_checkpoint = ticks
     await job.checkpoint_async({"step": 2})

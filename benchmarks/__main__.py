@@ -1,4 +1,4 @@
-"""python -m benchmarks run [--quick] [--db sqlite,postgresql] [--only NAME,...] [--peers]
+"""python -m benchmarks run [--quick] [--db sqlite,postgresql] [--only NAME,...] [--peers [--peer-repeats N]]
 
 Prints one JSON line per measurement. --quick is the small version CI runs
 so the benchmarks cannot rot; the numbers in docs/benchmarks.md come from a
@@ -44,7 +44,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes, for CI")
     parser.add_argument("--db", default="sqlite,postgresql", help="comma-separated: sqlite,postgresql,mariadb")
     parser.add_argument("--only", help="comma-separated: " + ",".join(FULL) + " (--quick: all but partition)")
-    parser.add_argument("--peers", action="store_true", help="also run Celery, RQ and procrastinate")
+    parser.add_argument("--peers", action="store_true", help="also run Celery, RQ and procrastinate"
+                        " (with --only: just the peers' takeover, crash or throughput among those named)")
+    parser.add_argument("--peer-repeats", type=int, default=1, help="runs of each peer throughput measurement")
     options = parser.parse_args(argv)
     table = QUICK if options.quick else FULL
     workdir = temp_workdir()
@@ -56,7 +58,8 @@ def main(argv=None) -> int:
         if options.peers:
             from benchmarks.compare import run_peers
 
-            for result in run_peers(quick=options.quick):
+            only = set(options.only.split(",")) if options.only else None
+            for result in run_peers(quick=options.quick, only=only, repeats=options.peer_repeats):
                 print(json.dumps(result), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -238,7 +238,8 @@ class Supervisor:
         # (Re)connect the LISTEN socket here, never inside wait()'s select
         # path, and not while heartbeats fail: each attempt on a dead
         # network would hold the loop for the connect timeout.
-        if self.wakeups and self.claiming and self.beat_failing_since is None and self.wakeups.listen():
+        if (self.wakeups and self.claiming and self.server_id and self.beat_failing_since is None
+                and self.wakeups.listen(self.server_id)):
             self.next_claim = now  # what was enqueued while we did not listen
         if self.quiet_wanted and self.server_id:
             self._record_quiet()

@@ -21,13 +21,13 @@ from supervisor.errors import ActionRefused, InvalidFilter, JobNotFound
 from supervisor.jobspec import QUEUE_NAME, NewJob
 from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
 from supervisor.tables import chores as chore_table, events, jobs, queues as queue_settings, servers
+from supervisor.wakeup import WAKE_CHANNEL, Candidate, pick_targets, server_channel
 
 MAX_ERROR_CHARS = 64_000
 LIVE_SERVER_STATES = ("running", "stopping")
 # How long a job taken back from a server of release R is left to servers
 # of another release (config: server.release_window).
 RELEASE_WINDOW_S = 60.0
-WAKE_CHANNEL = "shiftchange_jobs"  # PostgreSQL NOTIFY channel
 
 
 @dataclass(frozen=True)
@@ -178,11 +178,31 @@ class Storage:
             return query
         return query.with_for_update(skip_locked=skip_locked, read=read)
 
-    def _wake(self, conn) -> None:
+    def _wake(self, conn, wanted: dict[str, int] | None = None) -> None:
         """Tell idle supervisors that jobs became claimable (PostgreSQL
-        NOTIFY, delivered at commit); elsewhere they find out by polling."""
-        if self.notifies:
+        NOTIFY, delivered at commit); elsewhere they find out by polling.
+        With `wanted` ({queue: jobs}), only a few idle servers serving
+        those queues are woken (see wakeup.pick_targets); else all."""
+        if not self.notifies:
+            return
+        targets = None if wanted is None else pick_targets(self._wake_candidates(conn), wanted)
+        if targets is None:
             conn.execute(text(f"NOTIFY {WAKE_CHANNEL}"))
+        for server_id in targets or ():
+            conn.execute(select(func.pg_notify(server_channel(server_id), "")))
+
+    def _wake_candidates(self, conn) -> list[Candidate]:
+        """Live, running, not quiet servers and how many jobs each runs:
+        one read over the servers' liveness index and the jobs' server index."""
+        busy = (select(func.count()).select_from(jobs)
+                .where(jobs.c.server_id == servers.c.id, jobs.c.state == "processing")
+                .scalar_subquery())
+        rows = conn.execute(
+            select(servers.c.id, servers.c.queues, servers.c.concurrency, busy.label("busy"), servers.c.version)
+            .where(servers.c.state == "running", servers.c.quiet == false(),
+                   servers.c.heartbeat_at + servers.c.dead_after >= db_now())
+        ).all()
+        return [Candidate(*row) for row in rows]
 
     def _record(self, conn, rows: list[dict]) -> None:
         """Append events: dicts of job_id, kind, server_id, detail."""
@@ -210,8 +230,9 @@ class Storage:
         for attempt in range(UNIQUE_RETRIES):
             try:
                 with self._write() as conn:
-                    self._wake(conn)
-                    return [self._insert_unless_held(conn, spec) for spec in specs]
+                    done = [self._insert_unless_held(conn, spec) for spec in specs]
+                    self._wake(conn, _claimable_now(specs, done))
+                    return done
             except IntegrityError:
                 if attempt == UNIQUE_RETRIES - 1:
                     raise
@@ -1074,6 +1095,16 @@ class Storage:
             removed += len(ids)
             if len(ids) < batch:
                 return removed
+
+
+def _claimable_now(specs, done: list[Enqueued]) -> dict[str, int]:
+    """{queue: jobs} that an enqueue made claimable at once (not scheduled
+    for later, not already there under their unique key)."""
+    wanted: dict[str, int] = {}
+    for spec, enqueued in zip(specs, done):
+        if not enqueued.existed and spec.run_at is None and spec.delay <= 0:
+            wanted[spec.queue] = wanted.get(spec.queue, 0) + 1
+    return wanted
 
 
 def _with_server_name(table):

@@ -171,7 +171,7 @@ def test_the_poll_interval_is_the_safety_poll_only_while_listening(pg_url):
     loop = Loop(config)
     assert loop.poll_every() == 0.2  # no LISTEN connection yet
     loop.wakeups = Wakeups(make_engine(pg_url))
-    loop.wakeups.listen()
+    loop.wakeups.listen("0123abcd")
     try:
         assert loop.wakeups.listening and loop.poll_every() == 5.0
         loop.wakeups.broken(RuntimeError("test: the connection broke"))
@@ -231,3 +231,138 @@ def test_an_idle_poll_sees_due_and_held_jobs_and_not_paused_queues(db_url):
         with queue.storage.engine.begin() as conn:  # as a handoff's hold leaves it
             conn.execute(text("UPDATE shiftchange_jobs SET run_at = run_at + 30 WHERE id = :i"), {"i": job.id})
         assert 25 < queue.storage.due_in(["default", "mail"]) <= 30
+
+
+# --- PostgreSQL: an enqueue wakes a few idle servers, not the fleet ---------------------
+
+
+def candidate(name, queues=("default",), concurrency=1, busy=0, version="0.2.0"):
+    import json
+
+    from supervisor.wakeup import Candidate
+
+    return Candidate(name, json.dumps(list(queues)), concurrency, busy, version)
+
+
+class FirstOnes:
+    """A deterministic stand-in for random: the first k, in order."""
+
+    @staticmethod
+    def sample(population, k):
+        return list(population)[:k]
+
+
+def test_an_enqueue_wakes_one_more_idle_server_than_it_made_jobs():
+    from supervisor.wakeup import pick_targets
+
+    fleet = [candidate("a", busy=1), candidate("b"), candidate("c", concurrency=4, busy=3),
+             candidate("d"), candidate("e", queues=("mail",))]
+    # "a" is busy; "e" serves another queue.
+    assert pick_targets(fleet, {"default": 1}, FirstOnes) == ["b", "c"]
+    assert pick_targets(fleet, {"default": 2}, FirstOnes) == ["b", "c", "d"]
+    assert pick_targets(fleet, {"default": 1, "mail": 1}, FirstOnes) == ["b", "c", "e"]
+    # No idle server: none needs waking, each claims when a slot frees.
+    assert pick_targets([candidate("a", busy=1)], {"default": 1}, FirstOnes) == []
+    assert pick_targets([], {"default": 1}, FirstOnes) == []
+    assert pick_targets(fleet, {}, FirstOnes) == []  # only scheduled jobs: nothing claimable yet
+
+
+def test_an_older_server_or_a_batch_wakes_everyone():
+    from supervisor.wakeup import TARGETED_WAKE_MAX, pick_targets
+
+    fleet = [candidate("new"), candidate("old", version="0.1.0")]
+    assert pick_targets(fleet, {"default": 1}, FirstOnes) is None  # "old" listens only on the shared channel
+    assert pick_targets(fleet, {"mail": 1}, FirstOnes) == []  # ... but does not serve "mail"
+    assert pick_targets([candidate("odd", version=None)], {"default": 1}, FirstOnes) is None
+    assert pick_targets([candidate("new")], {"default": TARGETED_WAKE_MAX + 1}, FirstOnes) is None
+
+
+class Listener:
+    """A psycopg connection LISTENing on channels, as supervisors do."""
+
+    MARKER = "shiftchange_test_marker"
+
+    def __init__(self, url, channels):
+        self.engine = make_engine(url)
+        raw = self.engine.raw_connection()
+        self.conn = raw.driver_connection
+        raw.detach()
+        self.conn.autocommit = True
+        self.seen: set[str] = set()
+        self.conn.add_notify_handler(lambda note: self.seen.add(note.channel))
+        for channel in (*channels, self.MARKER):
+            self.conn.execute(f"LISTEN {channel}")
+
+    def heard(self) -> set[str]:
+        """Channels notified since the last call. PostgreSQL delivers the
+        notifications of transactions in commit order: once a marker sent
+        after them arrives, everything before it has too."""
+        with self.engine.begin() as conn:
+            conn.execute(text(f"NOTIFY {self.MARKER}"))
+        wait_for(lambda: self.conn.execute("SELECT 1") and self.MARKER in self.seen, what="the marker")
+        heard, self.seen = self.seen - {self.MARKER}, set()
+        return heard
+
+    def close(self):
+        self.conn.close()
+        self.engine.dispose()
+
+
+def register(storage, name, queues=("default",), concurrency=1):
+    return storage.register_server(name=name, host="test", pid=1, pid_started_at=None, queues=queues,
+                                   concurrency=concurrency, dead_after=60.0)
+
+
+def test_an_enqueue_notifies_idle_servers_on_their_own_channels(pg_url):
+    """Real PostgreSQL: one busy, one quiet, one serving another queue and
+    three idle servers; an enqueue of one job notifies two of the three idle
+    ones and nobody else; a batch, or an older server in the fleet,
+    notifies the shared channel."""
+    from supervisor import Queue
+    from supervisor.wakeup import TARGETED_WAKE_MAX, WAKE_CHANNEL, server_channel
+
+    with Queue(pg_url) as queue:
+        storage = queue.storage
+        busy, quiet, mail = register(storage, "busy"), register(storage, "quiet"), register(storage, "mail", ["mail"])
+        idle = {register(storage, f"idle{i}") for i in range(3)}
+        storage.set_quiet([quiet])
+        queue.enqueue("scjobs:quick")
+        assert [job.id for job in storage.claim(busy, ["default"], 1)]
+        everyone = [busy, quiet, mail, *idle]
+        listener = Listener(pg_url, [WAKE_CHANNEL, *(server_channel(s) for s in everyone)])
+        try:
+            listener.heard()
+            queue.enqueue("scjobs:quick")
+            woken = listener.heard()
+            assert len(woken) == 2 and woken <= {server_channel(s) for s in idle}, woken
+
+            queue.enqueue("scjobs:quick", delay=60)  # scheduled: nothing to claim yet
+            assert listener.heard() == set()
+
+            queue.enqueue_many([{"target": "scjobs:quick"}] * (TARGETED_WAKE_MAX + 1))
+            assert listener.heard() == {WAKE_CHANNEL}
+
+            with storage.engine.begin() as conn:  # a server of 0.1 joins the fleet
+                conn.execute(text("UPDATE shiftchange_servers SET version = '0.1.0' WHERE name = 'idle0'"))
+            queue.enqueue("scjobs:quick")
+            assert listener.heard() == {WAKE_CHANNEL}
+        finally:
+            listener.close()
+
+
+def test_idle_servers_pick_up_jobs_one_after_another_by_targeted_wakes(pg_url, supervisors, records):
+    """Three real servers whose safety poll is a minute: every job, enqueued
+    one at a time, starts by a targeted NOTIFY alone."""
+    from supervisor import Queue
+
+    with Queue(pg_url) as queue:
+        fleet = [supervisors(pg_url, f"s{i}", server={"safety_poll": "60s"}) for i in range(3)]
+        for sup in fleet:
+            sup.wait_registered(queue)
+        with queue.storage.engine.connect() as conn:
+            wait_for(lambda: len(listen_backends(conn)) == 3, what="three servers to LISTEN")
+        for _ in range(6):
+            job = queue.enqueue("scjobs:quick", [str(records)])
+            wait_for(lambda: queue.get(job.id).state == "succeeded", timeout=20,
+                     what="a targeted NOTIFY to wake an idle server")
+        assert len(read_lines(records / "quick")) == 6

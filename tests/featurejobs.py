@@ -32,3 +32,11 @@ def sleep(seconds, record_dir=None):
         with open(Path(record_dir, "done"), "a") as f:
             f.write(f"{os.getpid()}\n")
     return seconds
+
+
+def record_run(path):
+    """A recurring job: append this job's id, one line per run."""
+    from supervisor import current_job
+
+    with open(path, "a") as f:
+        f.write(f"{current_job().id}\n")

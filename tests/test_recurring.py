@@ -7,7 +7,6 @@ import json
 import signal
 from collections import Counter
 from datetime import datetime, timezone
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -15,10 +14,11 @@ from sqlalchemy import select
 
 from harness import read_lines, shiftchange, wait_for
 from supervisor import Queue
-from supervisor.config import load_config
-from supervisor.errors import ConfigError, InvalidJob
+from supervisor.config import Config, ServerConfig, load_config
+from supervisor.errors import ConfigError, InvalidJob, StorageUnavailable
+from supervisor.loop import Supervisor
 from supervisor.jobspec import new_job
-from supervisor.recurring import CATCH_UP_LIMIT, EntryError, Schedule, make_entry
+from supervisor.recurring import CATCH_UP_LIMIT, Schedule, make_entry
 from supervisor.storage import Storage
 from supervisor.tables import recurring_ticks
 
@@ -50,6 +50,15 @@ def test_cron_reads_its_fields_in_its_time_zone_across_a_dst_change():
     second = paris.next_tick(first)
     assert datetime.fromtimestamp(second, timezone.utc).isoformat() == "2026-03-30T00:30:00+00:00"
     assert paris.ticks(T0, second) == [first, second]
+    # 2026-10-25 02:30 happens twice in Paris (clocks go back 03:00 -> 02:00):
+    # it ticks at both instants, and next_tick agrees with ticks().
+    autumn = datetime(2026, 10, 24, 12, tzinfo=timezone.utc).timestamp()
+    walked = [paris.next_tick(autumn)]
+    while len(walked) < 3:
+        walked.append(paris.next_tick(walked[-1]))
+    assert [datetime.fromtimestamp(t, timezone.utc).strftime("%d %H:%M") for t in walked] == [
+        "25 00:30", "25 01:30", "26 01:30"]
+    assert paris.ticks(autumn, walked[-1]) == walked
 
 
 def test_ticks_between_two_times_keep_the_newest_when_there_are_too_many():
@@ -111,6 +120,56 @@ def test_the_config_entry_wins_over_an_api_entry_of_the_same_name_and_removed_en
     assert schedule.entries == [config]
     schedule.watch([], {}, now=T0 + 1)
     assert schedule.entries == [] and schedule.next_due() is None and schedule.due(T0 + 100) == []
+
+
+# --- the supervisor's part: no cost without entries, a tick retried after an outage --------
+
+
+class TickStorage:
+    """The two storage verbs the supervisor's recurring part calls."""
+
+    def __init__(self):
+        self.calls, self.fail = [], False
+
+    def last_ticks(self, names):
+        self.calls.append(("last_ticks", list(names)))
+        return {}
+
+    def enqueue_ticks(self, ticks, server_id):
+        self.calls.append(("enqueue_ticks", [(name, tick) for name, tick, _ in ticks]))
+        if self.fail:
+            raise StorageUnavailable("cannot reach the database")
+        return [(name, tick, 1) for name, tick, _ in ticks]
+
+
+def recurring_supervisor(entries, now):
+    moment = [now]
+    sup = Supervisor(Config(server=ServerConfig(name="s1"), recurring=tuple(entries)), clock=lambda: moment[0])
+    sup.storage, sup.server_id, sup.db_offset = TickStorage(), "s1", T0 - now  # the database is at T0
+    return sup, moment
+
+
+def test_a_server_without_recurring_entries_never_wakes_or_writes_for_them():
+    sup, _ = recurring_supervisor([], now=100.0)
+    sup.watch_recurring(())
+    assert sup.storage.calls == [] and sup.next_recurring == float("inf")
+    assert sup._next_wake() == sup.next_beat
+
+
+def test_the_supervisor_wakes_at_the_tick_and_retries_it_after_an_outage():
+    sup, moment = recurring_supervisor([entry(every="10s")], now=100.0)
+    sup.watch_recurring(())
+    assert sup.storage.calls == [("last_ticks", ["e"])]
+    assert sup.next_recurring == 110.0  # T0 + 10 on the database clock, in the loop's clock
+    moment[0] = 110.0
+    sup.storage.fail = True
+    sup.enqueue_recurring()
+    assert sup.next_recurring == sup.next_beat  # tried again after the next heartbeat
+    sup.storage.fail = False
+    moment[0] = 111.0
+    sup.enqueue_recurring()
+    assert sup.storage.calls[-1] == ("enqueue_ticks", [("e", T0 + 10)])
+    assert sup.next_recurring == 120.0
 
 
 # --- config errors: key, line, exit 2 ----------------------------------------------------

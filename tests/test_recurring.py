@@ -353,3 +353,44 @@ def test_three_servers_enqueue_each_tick_of_an_every_second_entry_exactly_once(d
     assert all(j.state == "succeeded" and j.interruptions == 0 for j in jobs), [(j.id, j.state, j.error) for j in jobs]
     takers = Counter(row.server_id for row in rows)
     print(f"ticks enqueued per server: {sorted(takers.values())}")
+
+
+def test_an_api_entry_runs_the_newest_missed_tick_on_start_and_stops_when_removed(db_url, supervisors, tmp_path):
+    """Real supervisors: s1 picks up an entry added through the API; while
+    no server runs, ticks are missed; s2 starts and enqueues the newest of
+    them (missed: latest) and none older; after remove_recurring, ticks stop."""
+    ran = tmp_path / "ran"
+    jobs = {"allow": ["featurejobs:*"], "max_attempts": 1}
+    with Queue(db_url) as q:
+        storage = Storage(q.engine)
+        q.add_recurring("api-each-second", every="1s", target="featurejobs:record_run", kwargs={"path": str(ran)})
+
+        def ticks():
+            return sorted(t for t, in _rows(storage, recurring_ticks.c.tick_at))
+
+        s1 = supervisors(db_url, "s1", jobs=jobs)
+        s1.wait_registered(q)
+        wait_for(lambda: len(ticks()) >= 2, timeout=30, what="s1 to enqueue two ticks")
+        s1.send(signal.SIGTERM)
+        assert s1.wait() == 0, s1.log()
+        before = ticks()[-1]
+        wait_for(lambda: storage.now() > before + 3.5, what="three ticks to be missed")
+        s2 = supervisors(db_url, "s2", jobs=jobs)
+        started = s2.wait_registered(q).started_at
+        wait_for(lambda: ticks()[-1] > started + 1, timeout=30, what="s2 to enqueue ticks")
+        after = [t for t in ticks() if t > before]
+        assert after[0] <= started and after[0] - before >= 3, (before, started, after)  # the newest missed one
+        assert [b - a for a, b in zip(after, after[1:])] == [1.0] * (len(after) - 1)
+        assert q.remove_recurring("api-each-second")
+        removed = storage.now()
+        wait_for(lambda: next(s.heartbeat_at for s in q.servers() if s.name == "s2") > removed + 2.0,
+                 what="s2 to beat for two seconds after the removal")
+        assert ticks()[-1] < removed + 1.0
+        assert [e["name"] for e in q.recurring()] == []
+        s2.send(signal.SIGTERM)
+        assert s2.wait() == 0, s2.log()
+
+
+def _rows(storage, *columns):
+    with storage.engine.connect() as conn:
+        return conn.execute(select(*columns)).all()

@@ -419,7 +419,7 @@ def recurring(config: ConfigOption = None, json_: JsonOption = False):
     if json_:
         print_json(listed)
         return
-    table = Table("name", "from", "schedule", "tz", "runs", "queue", "next run", "last tick", "last job")
+    table = Table("name", "from", "schedule", "tz", "job", "queue", "next run", "last tick", "last job")
     for entry in listed:
         what = " ".join(entry["command"]) if entry["command"] else entry["target"]
         source = "api (shadowed)" if entry["shadowed"] else entry["source"]

@@ -282,8 +282,8 @@ class Schedule:
             if name in self.watches:
                 self.watches[name].entry = entry
                 continue
-            start = max(t for t in (last_ticks.get(name), entry.added_at) if t is not None) if (
-                last_ticks.get(name) is not None or entry.added_at is not None) else now
+            known = [t for t in (last_ticks.get(name), entry.added_at) if t is not None]
+            start = max(known) if known else now
             self.watches[name] = _Watch(entry, since=now, cursor=min(start, now))
 
     def due(self, now: float) -> list[tuple[RecurringEntry, float]]:

@@ -269,6 +269,20 @@ def test_a_tick_is_enqueued_once_whoever_inserts_it(db_url):
         assert storage.last_ticks(["e"]) == {"e": (T0 + 1, first[1][2])}
 
 
+def test_retention_keeps_each_entry_s_newest_tick(db_url):
+    """A server starting later counts missed ticks from the newest tick, so
+    sweeping never removes it, however old."""
+    with Queue(db_url) as q:
+        storage = Storage(q.engine)
+        spec = new_job("m:f")
+        storage.enqueue_ticks([(name, T0 + n, spec) for name in ("a", "b") for n in range(3)], None)
+        with q.engine.begin() as conn:
+            conn.execute(recurring_ticks.update().values(enqueued_at=0.0))
+        assert storage.sweep_ticks(keep=60) == 4
+        assert sorted(_rows(storage, recurring_ticks.c.name, recurring_ticks.c.tick_at)) == [
+            ("a", T0 + 2), ("b", T0 + 2)]
+
+
 def test_shiftchange_recurring_lists_entries_with_next_run_and_never_writes(db_url, tmp_path):
     config = tmp_path / "shiftchange.yaml"
     config.write_text(yaml.safe_dump({"database": {"url": db_url}, "jobs": {"allow": ["app.*"]}, "recurring": [

@@ -619,6 +619,10 @@ class Supervisor:
         last = {name: tick for name, (tick, _) in self.storage.last_ticks(unseen).items()} if unseen else {}
         self.schedule.watch(entries, last, self.clock() + self.db_offset)
         for entry in (e for e in self.schedule.entries if e.name in unseen):
+            watch = self.schedule.watches[entry.name]
+            event("recurring %s (%s, from the %s): watching from %s; ticks missed before then follow "
+                  "missed: %s", entry.name, entry.schedule, entry.source, to_iso(watch.since), entry.missed,
+                  event="recurring_watch", recurring=entry.name, since=watch.since)
             refused = not_allowed(entry, self.allow)
             if refused:
                 event("%s on this server; another server may run it", refused, level=logging.WARNING,

@@ -389,11 +389,14 @@ def test_an_api_entry_runs_the_newest_missed_tick_on_start_and_stops_when_remove
         assert s1.wait() == 0, s1.log()
         before = ticks()[-1]
         wait_for(lambda: storage.now() > before + 3.5, what="three ticks to be missed")
-        s2 = supervisors(db_url, "s2", jobs=jobs)
-        started = s2.wait_registered(q).started_at
-        wait_for(lambda: ticks()[-1] > started + 1, timeout=30, what="s2 to enqueue ticks")
+        s2 = supervisors(db_url, "s2", jobs=jobs, log={"format": "json"})
+        s2.wait_registered(q)
+        since = wait_for(lambda: next((e["since"] for e in s2.events() if e.get("event") == "recurring_watch"),
+                                      None), what="s2 to watch the entry")
+        wait_for(lambda: ticks()[-1] > since + 1, timeout=30, what="s2 to enqueue ticks")
         after = [t for t in ticks() if t > before]
-        assert after[0] <= started and after[0] - before >= 3, (before, started, after)  # the newest missed one
+        # the newest tick missed before s2 watched, and none older
+        assert since - 1 < after[0] <= since and after[0] - before >= 3, (before, since, after)
         assert [b - a for a, b in zip(after, after[1:])] == [1.0] * (len(after) - 1)
         assert q.remove_recurring("api-each-second")
         removed = storage.now()

@@ -406,6 +406,44 @@ def _job_fields(job) -> list[tuple[str, str]]:
     ]
 
 
+@app.command()
+@reports_errors
+def recurring(config: ConfigOption = None, json_: JsonOption = False):
+    """List the recurring jobs (config and API) with their next run and last enqueued tick."""
+    from rich.console import Console
+    from rich.table import Table
+
+    q = open_queue(config)
+    listed = q.recurring()
+    _warn_recurring_not_allowed(q.config)
+    if json_:
+        print_json(listed)
+        return
+    table = Table("name", "from", "schedule", "tz", "job", "queue", "next run", "last tick", "last job")
+    for entry in listed:
+        what = " ".join(entry["command"]) if entry["command"] else entry["target"]
+        source = "api (shadowed)" if entry["shadowed"] else entry["source"]
+        table.add_row(entry["name"], source, entry["schedule"], entry["tz"], what, entry["queue"],
+                      entry["next_run"], entry["last_tick"] or NONE,
+                      NONE if entry["last_job"] is None else str(entry["last_job"]))
+    Console().print(table)
+
+
+def _warn_recurring_not_allowed(config) -> None:
+    """Config entries whose jobs this config's allow-lists refuse: said on
+    stderr, as `enqueue` does (other servers may be configured otherwise)."""
+    from supervisor.recurring import not_allowed
+
+    if config.source is None:
+        return
+    allow = AllowList(config.jobs.allow, config.jobs.allow_commands)
+    for entry in config.recurring:
+        refused = not_allowed(entry, allow)
+        if refused:
+            typer.echo(f"shiftchange: warning: {refused} in {config.source}; a server with this config fails "
+                       "its jobs", err=True)
+
+
 # --- operator actions ----------------------------------------------------------------------
 
 

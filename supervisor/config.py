@@ -20,6 +20,7 @@ import yaml
 from supervisor.database import mask_url
 from supervisor.errors import ConfigError
 from supervisor.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_INTERRUPTIONS, check_queue_name
+from supervisor.recurring import EntryError, RecurringEntry, make_entry
 from supervisor.storage import RELEASE_WINDOW_S
 
 DEFAULT_FILE = "shiftchange.yaml"
@@ -247,6 +248,7 @@ class Config:
     jobs: JobsConfig = field(default_factory=JobsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dashboard: DashboardConfig = field(default_factory=DashboardConfig)
+    recurring: tuple[RecurringEntry, ...] = ()  # `recurring:`, a list of entries
     source: str | None = None  # the file it was read from, if any
 
     def with_overrides(self, **server_values) -> "Config":
@@ -267,7 +269,7 @@ class Config:
         dashboard token masked."""
         data = {}
         for section in fields(self):
-            if section.name == "source":
+            if section.name in ("source", "recurring"):
                 continue
             values = getattr(self, section.name)
             data[section.name] = {
@@ -277,6 +279,7 @@ class Config:
         data["database"]["url"] = mask_url(self.database.url)
         if self.dashboard.token is not None:
             data["dashboard"]["token"] = "***"
+        data["recurring"] = [entry.definition() | {"name": entry.name} for entry in self.recurring]
         return data
 
 
@@ -367,10 +370,57 @@ def _read_file(path: Path) -> Config:
     sections = {}
     if root is not None:
         for name, key_node, value_node in _mapping(root, path, "the top level"):
-            sections[name] = _read_section(path, name, key_node, value_node)
+            if name == "recurring":
+                sections[name] = _read_recurring(path, value_node)
+            else:
+                sections[name] = _read_section(path, name, key_node, value_node)
     config = Config(source=str(path), **sections)
     _check_relations(config, path, root)
+    _check_recurring(config, path, root)
     return config
+
+
+def _read_recurring(path, node) -> tuple[RecurringEntry, ...]:
+    """`recurring:`, a list of entries (see supervisor/recurring.py); an
+    error names the entry's key and its line."""
+    if _is_null(node):
+        return ()
+    if not isinstance(node, yaml.SequenceNode):
+        raise ConfigError(f"{_where(path, node.start_mark)}: recurring must be a list of entries "
+                          f"(- name: ..., cron: ... or every: ..., target: ... or command: ...)")
+    entries, lines = [], {}
+    for item in node.value:
+        if not isinstance(item, yaml.MappingNode):
+            raise ConfigError(f"{_where(path, item.start_mark)}: each recurring entry must be a mapping of keys "
+                              f"(name, cron or every, target or command, ...)")
+        values, key_lines = {}, {}
+        for key, k_node, v_node in _mapping(item, path, "a recurring entry", "recurring."):
+            values[key] = _expand(_plain_value(path, v_node, f"recurring.{key}"), path, v_node, f"recurring.{key}")
+            key_lines[key] = k_node.start_mark.line + 1
+        try:
+            entry = make_entry(values)
+        except EntryError as exc:
+            line = key_lines.get(exc.key, item.start_mark.line + 1)
+            key = f"recurring.{exc.key}" if exc.key else "recurring"
+            raise ConfigError(f"{path}:{line}: {key}: {exc}") from None
+        if entry.name in lines:
+            raise ConfigError(f"{path}:{key_lines['name']}: recurring.name: {entry.name!r} is given twice "
+                              f"(first at line {lines[entry.name]})")
+        lines[entry.name] = key_lines["name"]
+        entries.append(entry)
+    return tuple(entries)
+
+
+def _check_recurring(config: Config, path, root) -> None:
+    """A command entry needs command jobs: this server's jobs.allow_commands
+    must not be empty. (A target or command that the allow-lists do not
+    list is only warned about, as `enqueue` does: other servers may run it.)"""
+    for index, entry in enumerate(config.recurring):
+        if entry.command and not config.jobs.allow_commands:
+            item = [v for k, v in root.value if k.value == "recurring"][0].value[index]
+            line = next(k.start_mark.line + 1 for k, _ in item.value if k.value == "command")
+            raise ConfigError(f"{path}:{line}: recurring.command: recurring {entry.name!r} is a command, and "
+                              f"command jobs are disabled: list {entry.command[0]!r} in jobs.allow_commands")
 
 
 def _where(path, mark) -> str:

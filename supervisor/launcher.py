@@ -38,7 +38,10 @@ def merge(base: dict, extra: dict) -> dict:
     """Config sections of `base` with those of `extra` laid over them."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
     for section, values in extra.items():
-        out.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            out.setdefault(section, {}).update(values)
+        else:  # a list such as `recurring:` replaces the base's
+            out[section] = values
     return out
 
 

@@ -19,6 +19,7 @@ from supervisor import systemd
 from supervisor.children import RunningJob, spawn
 from supervisor.config import Config, format_duration
 from supervisor.database import bounds_for, ensure_schema, make_engine
+from supervisor.dbtime import to_iso
 from supervisor.errors import EXIT_OK, StorageRefused, StorageUnavailable
 from supervisor.jobprocess import Assignment
 from supervisor.logs import event
@@ -35,6 +36,7 @@ from supervisor.processes import (
     tree_rss,
 )
 from supervisor.records import Job
+from supervisor.recurring import EntryError, Schedule, entry_from_row, not_allowed
 from supervisor.storage import LIVE_SERVER_STATES, Storage
 from supervisor.targets import AllowList, TargetRefused, job_import_path
 from supervisor.wakeup import Wakeups
@@ -82,6 +84,12 @@ class Supervisor:
         self.next_watchdog = 0.0
         self.watchdog = systemd.watchdog_interval()
         self.wakeups: Wakeups | None = None
+        # Recurring jobs: the entries this server watches, and the offset of
+        # the database clock from self.clock, measured at each heartbeat.
+        self.schedule = Schedule()
+        self.db_offset: float | None = None
+        self.next_recurring = float("inf")  # self.clock time of the next tick
+        self.bad_entries: set[str] = set()  # API entries we could not read, logged once
 
     # --- signals -----------------------------------------------------------------
 
@@ -245,12 +253,16 @@ class Supervisor:
             self._record_quiet()
         if now >= self.next_beat:
             self.beat()
+        if self.claiming and now >= self.next_recurring and self.beat_failing_since is None:
+            self.enqueue_recurring()
         if self.claiming and not self.quiet and now >= self.next_claim and self.server_id:
             self.claim()
         self._ping_watchdog()
 
     def _next_wake(self) -> float:
         wakes = [self.next_beat, *self._timeout_deadlines()]
+        if self.claiming:
+            wakes.append(self.next_recurring)
         if self.claiming and not self.quiet and len(self.running) < self.config.server.concurrency:
             wakes.append(self.next_claim)
         if self.watchdog:
@@ -409,10 +421,14 @@ class Supervisor:
         self.next_beat = sent + server.heartbeat_interval
         self._enforce_memory_limit()
         try:
-            beat = self.storage.beat(self.server_id, self.fleet_chores())
+            beat = self.storage.beat(self.server_id, self.fleet_chores(), recurring=True)
         except StorageUnavailable as exc:
             self._beat_failed(exc)
             return
+        # The database's time was taken before this moment: an offset
+        # measured now makes our estimate of it late, never early.
+        if beat.now is not None:
+            self.db_offset = beat.now - self.clock()
         state = beat.state
         if self.beat_failing_since is not None:
             self.beat_failing_since = None
@@ -428,6 +444,7 @@ class Supervisor:
         try:
             self.do_chores(beat.chores)
             self.record_pending()
+            self.watch_recurring(beat.recurring)
         except StorageUnavailable as exc:
             event("reaping, promotion and retention skipped until the next heartbeat: %s", exc,
                   level=logging.WARNING, event="db_unreachable")
@@ -584,6 +601,61 @@ class Supervisor:
         if "sweep" in chores:
             self._sweep()
 
+    # --- recurring jobs --------------------------------------------------------------
+
+    def watch_recurring(self, rows) -> None:
+        """After a heartbeat: watch the config's entries and those added
+        through the API (`rows`, read by the heartbeat). A new one costs one
+        read, for its last tick; then the loop wakes at the next tick."""
+        entries = list(self.config.recurring)
+        for row in rows:
+            try:
+                entries.append(entry_from_row(row.name, row.definition, row.added_at))
+            except (EntryError, ValueError) as exc:
+                if row.name not in self.bad_entries:
+                    self.bad_entries.add(row.name)
+                    event("recurring entry %s (added through the API) is ignored: %s", row.name, exc,
+                          level=logging.WARNING, event="recurring_invalid")
+        unseen = self.schedule.unseen(entries)
+        last = {name: tick for name, (tick, _) in self.storage.last_ticks(unseen).items()} if unseen else {}
+        self.schedule.watch(entries, last, self.clock() + self.db_offset)
+        for entry in (e for e in self.schedule.entries if e.name in unseen):
+            watch = self.schedule.watches[entry.name]
+            event("recurring %s (%s, from the %s): watching from %s; ticks missed before then follow "
+                  "missed: %s", entry.name, entry.schedule, entry.source, to_iso(watch.since), entry.missed,
+                  event="recurring_watch", recurring=entry.name, since=watch.since)
+            refused = not_allowed(entry, self.allow)
+            if refused:
+                event("%s on this server; another server may run it", refused, level=logging.WARNING,
+                      event="recurring_not_allowed")
+        self._plan_recurring()
+
+    def _plan_recurring(self) -> None:
+        due = self.schedule.next_due()
+        self.next_recurring = float("inf") if due is None else due - self.db_offset
+
+    def enqueue_recurring(self) -> None:
+        """Enqueue the ticks that are due (Schedule.due) in one transaction;
+        the database lets one server enqueue each tick (Storage.enqueue_ticks).
+        If the database cannot be reached, the ticks stay due and are tried
+        again after the next heartbeat."""
+        now = self.clock() + self.db_offset
+        due = self.schedule.due(now)
+        try:
+            done = self.storage.enqueue_ticks([(e.name, tick, e.job(self.config.jobs)) for e, tick in due],
+                                              self.server_id) if due else []
+        except StorageUnavailable as exc:
+            event("recurring ticks not enqueued, tried again after the next heartbeat: %s", exc,
+                  level=logging.WARNING, event="db_unreachable")
+            self.next_recurring = self.next_beat
+            return
+        self.schedule.done_until(now)
+        for name, tick, job_id in done:
+            if job_id is not None:
+                event("recurring %s: enqueued job %d for its tick at %s", name, job_id, to_iso(tick),
+                      event="recurring_enqueued", job=job_id)
+        self._plan_recurring()
+
     def _reap_dead_servers(self) -> None:
         """Requeue the jobs of every server whose heartbeat is older than
         its dead_after (by the database clock)."""
@@ -597,6 +669,7 @@ class Supervisor:
     def _sweep(self) -> None:
         """Retention: delete jobs finished more than jobs.keep_finished ago."""
         removed = self.storage.sweep(self.config.jobs.keep_finished)
+        self.storage.sweep_ticks(self.config.jobs.keep_finished)
         if removed:
             event("retention: deleted %d finished jobs", removed, event="sweep")
 

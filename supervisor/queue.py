@@ -1,5 +1,6 @@
 """The Python API for producers and operators: `from supervisor import Queue`."""
 
+import json
 import time
 from dataclasses import replace
 from datetime import datetime, timezone
@@ -9,6 +10,7 @@ from supervisor.database import command_bounds, ensure_schema, make_engine, mask
 from supervisor.errors import ActionRefused, InvalidJob, JobFailed, JobNotFound, UnknownServer
 from supervisor.jobspec import NewJob, new_job
 from supervisor.records import JOB_STATES, Job, QueueSummary, Server
+from supervisor.recurring import EntryError, RecurringEntry, entry_from_row, make_entry
 from supervisor.storage import COUNTED_STATES, EventHistogram, JobFilter, JobPage, Storage
 
 # The job events the dashboard charts and /metrics counts.
@@ -140,6 +142,73 @@ class Queue:
             run_at=None if run_at is None else _epoch(run_at),
             **spec,
         )
+
+    # recurring jobs -----------------------------------------------------------
+
+    def add_recurring(
+        self,
+        name: str,
+        *,
+        cron: str | None = None,
+        every: float | str | None = None,
+        target: str | None = None,
+        command: list[str] | None = None,
+        args=(),
+        kwargs=None,
+        queue: str = "default",
+        priority: int = 0,
+        tz: str = "UTC",
+        missed: str = "latest",
+    ) -> RecurringEntry:
+        """Add a recurring job that every running server takes part in: at
+        each tick of `cron` (5 fields, read in `tz`) or `every` (seconds or
+        a duration such as "15m"), one server enqueues a call of `target`
+        (or the `command` argv). Replaces the entry `name` if the API added
+        it before. Servers pick it up at their next heartbeat; ticks from
+        now on run even if that comes later. A config entry of the same
+        name wins on the servers that have it. InvalidJob if not valid."""
+        values = dict(name=name, cron=cron, every=every, target=target, command=command, args=list(args),
+                      kwargs=kwargs, queue=queue, priority=priority, tz=tz, missed=missed)
+        try:
+            entry = make_entry({k: v for k, v in values.items() if v is not None}, source="api")
+        except EntryError as exc:
+            raise InvalidJob(str(exc)) from None
+        self.storage.put_recurring(name, json.dumps(entry.definition(), separators=(",", ":")))
+        return entry
+
+    def remove_recurring(self, name: str) -> bool:
+        """Remove a recurring job added with add_recurring(); False if there
+        was none. Servers stop enqueueing it at their next heartbeat.
+        (Entries of a config file go away with the file's entry.)"""
+        return self.storage.delete_recurring(name)
+
+    def recurring(self) -> list[dict]:
+        """Every recurring entry, those of this queue's config first, then
+        those added through the API: its definition, `next_run` (by the
+        database clock), the newest tick enqueued and its job (`last_tick`,
+        `last_job`). An API entry named like a config entry is `shadowed`:
+        servers with this config run the config's."""
+        from supervisor.dbtime import to_iso
+
+        entries = list(self.config.recurring)
+        for row in self.storage.recurring_rows():
+            try:
+                entries.append(entry_from_row(row.name, row.definition, row.added_at))
+            except (EntryError, ValueError):
+                continue  # written by a newer release: not ours to show
+        last = self.storage.last_ticks([e.name for e in entries]) if entries else {}
+        now = self.storage.now()
+        in_config = {e.name for e in self.config.recurring}
+        listed = []
+        for entry in entries:
+            tick, job_id = last.get(entry.name, (None, None))
+            listed.append(entry.to_dict() | {
+                "next_run": to_iso(entry.next_tick(now)),
+                "last_tick": to_iso(tick),
+                "last_job": job_id,
+                "shadowed": entry.source == "api" and entry.name in in_config,
+            })
+        return listed
 
     def get(self, job_id: int) -> Job:
         """A job with its event history (JobNotFound if there is none)."""

@@ -49,6 +49,8 @@ class Job:
     result: object = None  # JSON: a callable's return value; a command's exit_code and output
     unique_key: str | None = None
     timeout: float | None = None  # seconds a run may take from its claim
+    recurring: str | None = None  # the recurring entry whose tick enqueued it
+    recurring_tick: float | None = None  # and that tick's scheduled time
     # Set by an enqueue that found this job holding its unique key already
     # (never stored, never in to_dict).
     existed: bool = False
@@ -86,6 +88,8 @@ class Job:
             result=None if row._mapping.get("result") is None else json.loads(row.result),
             unique_key=row._mapping.get("unique_key"),
             timeout=row._mapping.get("timeout"),
+            recurring=row._mapping.get("recurring"),
+            recurring_tick=row._mapping.get("recurring_tick"),
         )
 
     def to_dict(self) -> dict:
@@ -112,6 +116,8 @@ class Job:
             "result": self.result,
             "unique_key": self.unique_key,
             "timeout": self.timeout,
+            "recurring": None if self.recurring is None else {
+                "name": self.recurring, "tick": to_iso(self.recurring_tick)},
         }
         if self.events is not None:
             data["events"] = [event.to_dict() for event in self.events]

@@ -20,7 +20,15 @@ from supervisor.dbtime import db_now
 from supervisor.errors import ActionRefused, InvalidFilter, JobNotFound
 from supervisor.jobspec import QUEUE_NAME, NewJob
 from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
-from supervisor.tables import chores as chore_table, events, jobs, queues as queue_settings, servers
+from supervisor.tables import (
+    chores as chore_table,
+    events,
+    jobs,
+    queues as queue_settings,
+    recurring as recurring_table,
+    recurring_ticks,
+    servers,
+)
 from supervisor.wakeup import WAKE_CHANNEL, Candidate, pick_targets, server_channel
 
 MAX_ERROR_CHARS = 64_000
@@ -37,6 +45,9 @@ class Beat:
 
     state: str | None
     chores: tuple[str, ...] = ()
+    now: float | None = None  # the database clock during the beat
+    # Rows (name, definition, added_at) of shiftchange_recurring, when asked for.
+    recurring: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -251,7 +262,7 @@ class Storage:
                              .values(unique_active=None))
         return Enqueued(self._insert_job(conn, spec))
 
-    def _insert_job(self, conn, spec: NewJob) -> int:
+    def _insert_job(self, conn, spec: NewJob, recurring: tuple[str, float] | None = None) -> int:
         later = spec.run_at is not None or spec.delay > 0
         run_at = spec.run_at if spec.run_at is not None else db_now() + spec.delay
         result = conn.execute(
@@ -273,10 +284,13 @@ class Storage:
                 unique_key=spec.unique_key,
                 unique_active=spec.unique_key,
                 timeout=spec.timeout,
+                recurring=None if recurring is None else recurring[0],
+                recurring_tick=None if recurring is None else recurring[1],
             )
         )
         job_id = result.inserted_primary_key[0]
-        detail = f"queue {spec.queue}" + (" (scheduled)" if later else "")
+        detail = f"queue {spec.queue}" + (" (scheduled)" if later else "") + (
+            f" (recurring {recurring[0]})" if recurring else "")
         self._record(conn, [dict(job_id=job_id, kind="enqueued", server_id=None, detail=detail)])
         return job_id
 
@@ -316,7 +330,7 @@ class Storage:
         """The server's heartbeat alone; see beat()."""
         return self.beat(server_id).state
 
-    def beat(self, server_id: str, chores: dict[str, float] | None = None) -> Beat:
+    def beat(self, server_id: str, chores: dict[str, float] | None = None, recurring: bool = False) -> Beat:
         """A heartbeat, and in the same transaction the fleet chores
         ({name: interval in seconds}) that are due and that this server
         takes: one row each in shiftchange_chores, taken by moving its
@@ -333,7 +347,11 @@ class Storage:
         the heartbeat was recorded, `quiet` when it was and the server is
         asked not to claim; `dead`, `stopping` or `stopped` when someone
         else decided this server is finished; None when its row is gone.
-        Chores are only taken by a server whose heartbeat was recorded."""
+        Chores are only taken by a server whose heartbeat was recorded.
+
+        With `recurring`, it also reads the recurring entries added through
+        the API (a read of a small table, no write), so a server learns of
+        them without a transaction of its own."""
         with self._write() as conn:
             beat = conn.execute(
                 update(servers)
@@ -341,12 +359,13 @@ class Storage:
                 .values(heartbeat_at=db_now())
             )
             row = conn.execute(
-                select(servers.c.state, servers.c.quiet).where(servers.c.id == server_id)
+                select(servers.c.state, servers.c.quiet, db_now().label("now")).where(servers.c.id == server_id)
             ).first()
             if beat.rowcount != 1:
                 return Beat(None if row is None else row.state)
             state = "quiet" if row.quiet else "running"
-            return Beat(state, self._take_chores(conn, chores or {}))
+            entries = tuple(conn.execute(select(recurring_table)).all()) if recurring else ()
+            return Beat(state, self._take_chores(conn, chores or {}), row.now, entries)
 
     def _take_chores(self, conn, wanted: dict[str, float]) -> tuple[str, ...]:
         if not wanted:
@@ -382,6 +401,99 @@ class Storage:
 
             return sqlite_insert(table).on_conflict_do_nothing()
         return insert(table).prefix_with("IGNORE")
+
+    # recurring jobs ----------------------------------------------------------
+
+    def enqueue_ticks(self, ticks, server_id: str | None) -> list[tuple[str, float, int | None]]:
+        """Enqueue recurring ticks, given as (entry name, tick time, NewJob),
+        in one transaction: for each, insert its row in
+        shiftchange_recurring_ticks, and only if this insert created the
+        row, the job (its id goes into the row). The primary key (name,
+        tick_at) lets one insert per tick create the row, on every
+        database: another server's insert waits for this transaction and
+        then does nothing (ON CONFLICT DO NOTHING, INSERT IGNORE; SQLite
+        has one writer). So each tick is enqueued exactly once, however
+        many servers try, and by no leader. Returns (name, tick, job id)
+        for each tick, the id None where another server enqueued it."""
+        done = []
+        with self._write() as conn:
+            made = []
+            # One order on every server, so two servers' row locks never deadlock.
+            for name, tick, spec in sorted(ticks, key=lambda item: (item[0], item[1])):
+                if not self._insert_tick(conn, name, tick, server_id):
+                    done.append((name, tick, None))
+                    continue
+                job_id = self._insert_job(conn, spec, recurring=(name, tick))
+                conn.execute(update(recurring_ticks).where(recurring_ticks.c.name == name,
+                                                           recurring_ticks.c.tick_at == tick).values(job_id=job_id))
+                done.append((name, tick, job_id))
+                made.append(spec)
+            if made:
+                self._wake(conn, _claimable_now(made, [Enqueued(0)] * len(made)))
+        return done
+
+    def _insert_tick(self, conn, name: str, tick: float, server_id: str | None) -> bool:
+        """Insert a tick's row unless it exists; True if this insert made it.
+        RETURNING says so on PostgreSQL and SQLite (psycopg reports no
+        rowcount for this INSERT); MySQL's INSERT IGNORE counts the row."""
+        insert_tick = self._insert_ignoring_duplicates(recurring_ticks).values(
+            name=name, tick_at=tick, server_id=server_id, enqueued_at=db_now())
+        if self.engine.dialect.name in ("postgresql", "sqlite"):
+            return conn.execute(insert_tick.returning(recurring_ticks.c.name)).first() is not None
+        return conn.execute(insert_tick).rowcount == 1
+
+    def last_ticks(self, names=None) -> dict[str, tuple[float, int | None]]:
+        """The newest enqueued tick of each entry (of `names`; None: all),
+        with its job's id: {name: (tick time, job id)}."""
+        newest = select(recurring_ticks.c.name, func.max(recurring_ticks.c.tick_at).label("tick_at")) \
+            .group_by(recurring_ticks.c.name)
+        if names is not None:
+            newest = newest.where(recurring_ticks.c.name.in_(list(names)))
+        newest = newest.subquery()
+        query = select(recurring_ticks.c.name, recurring_ticks.c.tick_at, recurring_ticks.c.job_id).join(
+            newest, and_(recurring_ticks.c.name == newest.c.name, recurring_ticks.c.tick_at == newest.c.tick_at))
+        with self._read() as conn:
+            return {row.name: (row.tick_at, row.job_id) for row in conn.execute(query)}
+
+    def recurring_rows(self) -> list:
+        """The recurring entries added through the API: (name, definition, added_at) rows."""
+        with self._read() as conn:
+            return conn.execute(select(recurring_table).order_by(recurring_table.c.name)).all()
+
+    def put_recurring(self, name: str, definition: str) -> bool:
+        """Add the API entry `name`, or replace its definition (keeping
+        when it was first added). True when it was new."""
+        for attempt in range(2):
+            try:
+                with self._write() as conn:
+                    changed = conn.execute(update(recurring_table).where(recurring_table.c.name == name)
+                                           .values(definition=definition, changed_at=db_now())).rowcount
+                    if changed:
+                        return False
+                    conn.execute(insert(recurring_table).values(name=name, definition=definition,
+                                                                added_at=db_now(), changed_at=db_now()))
+                    return True
+            except IntegrityError:  # a concurrent add of the same name: replace it
+                if attempt:
+                    raise
+
+    def delete_recurring(self, name: str) -> bool:
+        """Remove the API entry `name`; False if there was none. Its ticks
+        stay (retention sweeps them), so a server that still runs it for
+        up to one heartbeat cannot enqueue a tick twice."""
+        with self._write() as conn:
+            return conn.execute(delete(recurring_table).where(recurring_table.c.name == name)).rowcount == 1
+
+    def sweep_ticks(self, keep: float) -> int:
+        """Delete tick rows older than `keep` seconds, but the newest of
+        each entry: a server starting later counts missed ticks from it."""
+        removed = 0
+        for name, (newest, _) in self.last_ticks().items():
+            with self._write() as conn:
+                removed += conn.execute(delete(recurring_ticks).where(
+                    recurring_ticks.c.name == name, recurring_ticks.c.tick_at < newest,
+                    recurring_ticks.c.enqueued_at < db_now() - keep)).rowcount
+        return removed
 
     def set_quiet(self, server_ids, quiet: bool = True) -> list[str]:
         """Ask live servers to stop claiming (quiet) or to claim again. A

@@ -73,6 +73,9 @@ jobs = Table(
     # = unique_key while enqueued, scheduled or processing; NULL otherwise.
     Column("unique_active", String(200)),
     Column("timeout", Double),  # seconds a run may take from its claim; NULL: no limit
+    # Added by revision 0007: the recurring entry and tick that enqueued it.
+    Column("recurring", String(200)),
+    Column("recurring_tick", Epoch),
     sqlite_autoincrement=True,  # never reuse the id of a deleted job
 )
 # Claims read only the `enqueued` slice of this index, in claim order, so
@@ -148,4 +151,29 @@ chores = Table(
     Column("name", String(64), primary_key=True),
     Column("due_at", Epoch, nullable=False, server_default=text("0")),
     Column("runs", BigInteger, nullable=False, server_default=text("0")),  # times taken, for operators
+)
+
+# Added by revision 0007: recurring jobs. Entries added through the API
+# (Queue.add_recurring); entries of a server's config are not stored here.
+recurring = Table(
+    PREFIX + "recurring",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("definition", LongText, nullable=False),  # JSON: the entry's keys but name
+    Column("added_at", Epoch, nullable=False),  # missed ticks are counted from here
+    Column("changed_at", Epoch, nullable=False),
+)
+
+# One row per recurring entry and tick that was enqueued. The primary key is
+# what makes a tick run exactly once however many servers run: the server
+# whose insert creates the row enqueues the job in the same transaction;
+# every other server's insert finds the row and does nothing.
+recurring_ticks = Table(
+    PREFIX + "recurring_ticks",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("tick_at", Epoch, primary_key=True),  # the scheduled time, epoch seconds
+    Column("job_id", BigInteger),
+    Column("server_id", String(32)),  # the server that enqueued it
+    Column("enqueued_at", Epoch, nullable=False),
 )

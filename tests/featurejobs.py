@@ -32,3 +32,19 @@ def sleep(seconds, record_dir=None):
         with open(Path(record_dir, "done"), "a") as f:
             f.write(f"{os.getpid()}\n")
     return seconds
+
+
+def record_run(path):
+    """A recurring job: append this job's id, one line per run."""
+    from supervisor import current_job
+
+    with open(path, "a") as f:
+        f.write(f"{current_job().id}\n")
+
+
+def returns_when_told(record_dir, value):
+    """Say it is about to return, wait until the test says go, return `value`."""
+    Path(record_dir, "ready").write_text("")
+    while not Path(record_dir, "go").exists():
+        time.sleep(0.01)
+    return value

@@ -434,7 +434,7 @@ def test_config_check_masks_the_password(tmp_path):
 def test_config_check_without_a_file_shows_the_defaults():
     data = ok_json("config", "check")
     assert data["source"] is None and data["config"]["database"]["url"] == "sqlite:///shiftchange.db"
-    assert set(data["config"]) == {"database", "server", "shutdown", "jobs", "log", "dashboard"}
+    assert set(data["config"]) == {"database", "server", "shutdown", "jobs", "log", "dashboard", "recurring"}
 
 
 def test_an_unreachable_database_is_a_runtime_failure(tmp_path):

@@ -14,6 +14,7 @@ from sqlalchemy import text
 
 from harness import alive, clean_env, shiftchange, wait_for
 from supervisor import JobFailed, Queue
+from supervisor.database import Bounds, make_engine
 from supervisor.errors import InvalidJob, JobNotFound
 
 
@@ -218,6 +219,48 @@ def test_a_timeout_kills_a_tree_that_ignores_sigterm_and_the_run_fails_as_an_att
     assert kinds.count("retry_scheduled") == 1 and kinds[-1] == "failed"
     for pid in [int(p) for p in pids] + [int(p) for p in (records / "pids").read_text().split()]:
         wait_for(lambda: not alive(pid), timeout=5, what=f"process {pid} of the timed-out tree to be gone")
+
+
+def test_a_timeout_kills_a_command_tree_that_ignores_sigterm_and_the_run_fails(q, db_url, supervisors, records):
+    supervisors(db_url, "s1", jobs=FEATURES, shutdown={"kill_after": "500ms"}).wait_registered(q)
+    # sh ignores SIGTERM, and so do its children (an ignored signal stays
+    # ignored across exec); the sleep leaves the process group with setsid.
+    script = f"trap '' TERM; setsid sleep 600 & echo $$ $! > {records}/pids; wait"
+    job = q.enqueue_command(["sh", "-c", script], timeout="1500ms", max_attempts=1)
+    pids = wait_for(lambda: (records / "pids").exists() and (records / "pids").read_text().split(),
+                    what="the command to record its pids")
+    with pytest.raises(JobFailed, match="timed out after 1.5s"):
+        q.result(job.id, timeout=30)
+    done = q.get(job.id)
+    assert done.state == "failed" and done.error == "timed out after 1.5s" and done.attempts == 1
+    for pid in (int(p) for p in pids):
+        wait_for(lambda: not alive(pid), timeout=5, what=f"process {pid} of the timed-out command to be gone")
+
+
+def test_the_supervisor_records_a_callable_s_result_when_the_child_could_not(q, db_url, supervisors, records):
+    """The child gives up on its write after RECORD_TIMEOUT_S (here: the
+    job's row is locked by another transaction) and relays the outcome and
+    result; the supervisor records both once the database lets it."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("on SQLite a lock that stops the child's write stops the heartbeat too (one writer)")
+    sup = supervisors(db_url, "s1", jobs=FEATURES, log={"format": "json"})
+    sup.wait_registered(q)
+    job = q.enqueue("featurejobs:returns_when_told", [str(records), {"kept": [1, 2]}])
+    wait_for(lambda: (records / "ready").exists(), what="the job to be about to return")
+    # An engine whose idle-in-transaction bound outlasts the child's attempts.
+    locker = make_engine(db_url, bounds=Bounds(connect=5, statement=60.0, keepalive_idle=10))
+    with locker.connect() as conn:
+        locked = conn.begin()
+        conn.execute(text("SELECT id FROM shiftchange_jobs WHERE id = :id FOR UPDATE"), {"id": job.id})
+        (records / "go").write_text("")
+        wait_for(lambda: any(e.get("event") == "db_unreachable" and e.get("job") == job.id for e in sup.events()),
+                 timeout=30, what="the child to give up and the supervisor to try")
+        assert q.storage.get(job.id).state == "processing"
+        locked.rollback()
+    locker.dispose()
+    assert q.result(job.id, timeout=30) == {"kept": [1, 2]}
+    outcome = [e for e in sup.events() if e.get("event") == "succeeded" and e.get("job") == job.id]
+    assert len(outcome) == 1 and "recorded by the job's side" not in outcome[0]["message"], outcome
 
 
 def test_time_spent_enqueued_does_not_count_and_jobs_timeout_is_the_default(q, db_url, supervisors, tmp_path):

@@ -1,5 +1,5 @@
 """Read commands never write (issue 10.2): `status`, `jobs`, `job`,
-`handoff`, `reap`, `requeue`, `delete` and `config check` never create the
+`handoff`, `reap`, `requeue`, `delete`, `recurring` and `config check` never create the
 schema or a SQLite file. On a database without the schema they say so in one
 line, with the masked URL and how to create it, and exit 1. `status` names
 the database it read. On SQLite, PostgreSQL and MariaDB."""
@@ -21,6 +21,7 @@ from supervisor.database import make_engine, mask_url
 
 TESTS = Path(__file__).parent
 READS = [["status"], ["status", "--json"], ["jobs"], ["job", "1"], ["handoff"], ["handoff", "--server", "s1"],
+         ["recurring"], ["recurring", "--json"],
          ["reap"], ["requeue", "1"], ["delete", "1"]]
 
 

@@ -37,15 +37,16 @@ def handoff_commit(kind, workdir, in_flight=(1, 8, 64), runs=20):
         yield {"measurement": "handoff_commit", "db": kind, "in_flight": n, **handoff_summary(samples)}
 
 
-def handoff_once(kind, workdir, n, tag, code=None, jobs=None) -> tuple[float | None, float]:
+def handoff_once(kind, workdir, n, tag, code=None, jobs=None, shutdown=None) -> tuple[float | None, float]:
     """One handoff of `n` spinning jobs: (as the supervisor measured it, or
     None when it logged none; as observed from outside), in ms. `code`:
-    the checkout to run; `jobs`: more jobs.* settings."""
+    the checkout to run; `jobs`, `shutdown`: more settings of those sections."""
     url = fresh_database(kind, workdir)
     with Queue(url) as queue:
         markers = [workdir / f"h-{tag}-{i}" for i in range(n)]
         queue.storage.enqueue(*(new_job(SPIN, [str(marker)]) for marker in markers))
-        sup = Supervisor(url, workdir, f"h-{tag}", code=code, server={"concurrency": n}, jobs=jobs or {})
+        sup = Supervisor(url, workdir, f"h-{tag}", code=code, server={"concurrency": n}, jobs=jobs or {},
+                         shutdown=shutdown or {})
         try:
             sup.wait_registered(queue)
             # In flight = every job's code running, not merely claimed.

@@ -3,7 +3,7 @@ measurement.
 
     python -m benchmarks.under_load [--db sqlite,postgresql,mariadb] [--jobs 64]
         [--runs 20] [--scheduling normal,idle] [--before CHECKOUT]
-        [--only handoff,work] [--seconds 10]
+        [--only handoff,work] [--seconds 10] [--kill-after 0s]
 
 handoff: `--jobs` CPU-bound jobs that ignore SIGTERM run on one supervisor
 (concurrency = jobs; on a 2-core machine 32 runnable jobs per core); SIGTERM
@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     parser.add_argument("--before", metavar="CHECKOUT", help="also run this checkout at its defaults")
     parser.add_argument("--only", default="handoff,work")
     parser.add_argument("--seconds", type=float, default=10.0, help="the work window")
+    parser.add_argument("--kill-after", default="0s",
+                        help="shutdown.kill_after (0s as in docs/benchmarks.md section 1: the children's "
+                             "fence then kills every job at once, beside the handoff)")
     options = parser.parse_args(argv)
     workdir = temp_workdir()
     try:
@@ -85,14 +88,15 @@ def main(argv=None) -> int:
                     for label, code, jobs in chosen:
                         tag = f"{db}-{label}-{run}"
                         if what == "handoff":
-                            samples[label].append(handoff_once(db, workdir, options.jobs, tag, code, jobs))
+                            samples[label].append(handoff_once(db, workdir, options.jobs, tag, code, jobs,
+                                                               {"kill_after": options.kill_after}))
                         else:
                             samples[label].append(jobs_work(db, workdir, tag, options.jobs, options.seconds,
                                                             code, jobs))
                         loads.append(os.getloadavg()[0])
                 for label, _, _ in chosen:
                     result = {"measurement": "handoff_commit" if what == "handoff" else "jobs_work",
-                              "db": db, "jobs": options.jobs, "variant": label,
+                              "db": db, "jobs": options.jobs, "variant": label, "kill_after": options.kill_after,
                               "loadavg_1m_min_max": [round(min(loads), 2), round(max(loads), 2)]}
                     if what == "handoff":
                         result.update(handoff_summary(samples[label]))

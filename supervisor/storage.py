@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     BigInteger,
+    JSON,
     Float,
     Integer,
     Text,
@@ -30,7 +31,6 @@ from sqlalchemy import (
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSON
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 

@@ -1175,7 +1175,9 @@ def _insert_from_json(table, rows: list[dict], computed):
     each parse, and SQLAlchemy would compile anew for every batch size.
     `computed`: more column values, or a function of the row's fields
     (name -> SQL) that returns them."""
-    source = func.json_array_elements(cast(bindparam("rows", json.dumps(rows)), JSON)).table_valued(
+    from sqlalchemy.dialects.postgresql import JSONB  # PostgreSQL only: not imported elsewhere
+
+    source = func.jsonb_array_elements(cast(bindparam("rows", json.dumps(rows)), JSONB)).table_valued(
         "value", with_ordinality="n").render_derived()
 
     def field(name):

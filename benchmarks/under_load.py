@@ -85,7 +85,8 @@ def main(argv=None) -> int:
                 samples = {label: [] for label, _, _ in chosen}
                 loads = []
                 for run in range(options.runs if what == "handoff" else max(1, options.runs // 10)):
-                    for label, code, jobs in chosen:
+                    # Each round starts with another variant: none always runs first.
+                    for label, code, jobs in chosen[run % len(chosen):] + chosen[:run % len(chosen)]:
                         tag = f"{db}-{label}-{run}"
                         if what == "handoff":
                             samples[label].append(handoff_once(db, workdir, options.jobs, tag, code, jobs,

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 from sqlalchemy import (
     BigInteger,
-    JSON,
     Float,
     Integer,
     Text,
@@ -288,8 +287,7 @@ class Storage:
     def _insert_jobs(self, conn, specs: list[NewJob]) -> list[int]:
         """Insert jobs and their `enqueued` events; their ids, in order. A
         batch is one INSERT for its jobs and one for its events, not two
-        round trips per job (which held a bulk enqueue on PostgreSQL to
-        about 1,000 jobs/s)."""
+        round trips per job (docs/benchmarks.md, "Bulk enqueue")."""
         if not specs:
             return []
         rows = [

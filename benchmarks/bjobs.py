@@ -74,3 +74,17 @@ def steps(record_dir, count=150, step_seconds=0.2):
         while time.monotonic() < end:
             pass
         job.checkpoint({"step": step})
+
+
+def count(marker, start_at, until):
+    """CPU-bound work to weigh the jobs' own throughput: spin until
+    `start_at` (CLOCK_BOOTTIME), then count loop turns until `until` and
+    append the count to `marker`. Every job counts in the same window, so
+    the sum is the work all of them got done in it."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while clock() < start_at:
+        pass
+    turns = 0
+    while clock() < until:
+        turns += 1
+    _append(marker, str(turns))

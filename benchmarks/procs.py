@@ -55,10 +55,13 @@ def wait_until(predicate, timeout: float, interval: float = 0.001):
 class Supervisor(SupervisorProcess):
     """A `shiftchange run` process for a benchmark, started at once."""
 
-    def __init__(self, url: str, workdir: Path, name: str, wrapper: list[str] | None = None, **settings):
+    def __init__(self, url: str, workdir: Path, name: str, wrapper: list[str] | None = None,
+                 code: Path | None = None, **settings):
         config_path = write_config(workdir / f"{name}.yaml", url, merge(BASE_SETTINGS, settings))
-        # `wrapper` stands for `python -m supervisor` to measure it (count_statements).
-        super().__init__(name, config_path, workdir, env=dict(os.environ, PYTHONPATH=str(REPO)), command=wrapper)
+        # `wrapper` stands for `python -m supervisor` to measure it (count_statements);
+        # `code`: another checkout to run (a before/after on one machine at one time).
+        super().__init__(name, config_path, workdir, env=dict(os.environ, PYTHONPATH=str(code or REPO)),
+                         command=wrapper)
         self.start()
 
     def handoff_ms(self) -> float | None:
@@ -78,6 +81,8 @@ def read_marker(path: Path) -> list[tuple[float, int, int]]:
 
 
 def summary(samples: list[float], unit: str) -> dict:
+    if not samples:
+        return {"n": 0}
     ordered = sorted(samples)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
     return {

@@ -12,10 +12,8 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib import resources
+from pathlib import Path
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Column,
     MetaData,
@@ -151,8 +149,14 @@ def _connect_args(dialect: str, bounds: Bounds, url) -> dict:
     return {}
 
 
-def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUNDS) -> Engine:
+SQLITE_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}  # database.sqlite_synchronous
+
+
+def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUNDS,
+                sqlite_synchronous: str = "full") -> Engine:
     """An engine for `url` whose every call is bounded by `bounds`.
+    `sqlite_synchronous` (database.sqlite_synchronous) is set on each of its
+    SQLite connections.
     ConfigError when the URL is not one; StorageRefused when no driver for
     it is installed. `pre_ping` checks a pooled connection before use, so a
     long-lived producer survives a database restart without a failed call."""
@@ -179,7 +183,7 @@ def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUND
     elif dialect == "sqlite":
         _check_sqlite_path(url, parsed.database)
         _create_private_file(parsed.database)
-        _set_up_sqlite(engine)
+        _set_up_sqlite(engine, SQLITE_SYNCHRONOUS[sqlite_synchronous])
     return engine
 
 
@@ -245,16 +249,22 @@ def _create_private_file(path: str | None) -> None:
         raise ConfigError(f"cannot create the SQLite database {path}: {exc.strerror}") from None
 
 
-def _set_up_sqlite(engine: Engine) -> None:
+def _set_up_sqlite(engine: Engine, synchronous: str) -> None:
     """WAL so readers never block the writer; transactions we begin ourselves
     so that writers take the lock up front (BEGIN IMMEDIATE) instead of
-    failing half-way when two processes upgrade a read lock at once."""
+    failing half-way when two processes upgrade a read lock at once.
+
+    `synchronous` is per connection, so it is set on every one. In WAL mode
+    FULL fsyncs the log at every commit: a commit survives power loss too.
+    NORMAL fsyncs only at checkpoints: about twice the commits per second,
+    and a power loss (not a crash of the process) may lose the last commits,
+    never corrupt the file (docs/deploying.md, "SQLite durability")."""
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection, _record):
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA synchronous=FULL")  # a commit survives power loss too
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
         cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         cursor.close()
 
@@ -362,7 +372,11 @@ class SchemaState:
     recorded: bool  # the real revision is in shiftchange_schema_version (0.2 and later)
 
 
-def _alembic_config(connection, version_table: str = VERSION_TABLE) -> AlembicConfig:
+def _alembic_config(connection, version_table: str = VERSION_TABLE):
+    # Alembic is imported only to migrate (and to walk the scripts' modules):
+    # it costs a read command such as `status` over 100 ms of start-up.
+    from alembic.config import Config as AlembicConfig
+
     config = AlembicConfig()
     config.set_main_option("script_location", script_location)
     config.attributes["connection"] = connection
@@ -370,23 +384,46 @@ def _alembic_config(connection, version_table: str = VERSION_TABLE) -> AlembicCo
     return config
 
 
-def _scripts() -> ScriptDirectory:
+def _scripts():
     return _scripts_at(script_location)
 
 
 @functools.lru_cache(maxsize=4)
-def _scripts_at(location: str) -> ScriptDirectory:
+def _scripts_at(location: str):
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(_alembic_config(None))
+
+
+_REVISION_LINE = re.compile(r"""^(down_revision|revision)\s*=\s*(?:["']([^"']+)["']|None)\s*$""", re.M)
+
+
+@functools.lru_cache(maxsize=4)
+def _revisions_at(location: str) -> tuple[str, ...]:
+    """Every revision of the scripts at `location`, oldest first, read from
+    their `revision = "NNNN"` and `down_revision = ...` lines without
+    importing Alembic or the scripts (a read command checks the schema on
+    every start). tests/test_migrations.py checks it against Alembic's walk."""
+    parent = {}
+    for path in sorted((Path(location) / "versions").glob("*.py")):
+        lines = dict((name, value or None) for name, value in _REVISION_LINE.findall(path.read_text()))
+        if "revision" in lines:
+            parent[lines.get("down_revision")] = lines["revision"]
+    chain, revision = [], parent.get(None)
+    while revision is not None:
+        chain.append(revision)
+        revision = parent.get(revision)
+    return tuple(chain)
 
 
 def head_revision() -> str:
     """The schema revision this release of shiftchange expects."""
-    return _scripts().get_current_head()
+    return known_revisions()[-1]
 
 
 def known_revisions() -> list[str]:
     """Every revision this release knows, oldest first."""
-    return [script.revision for script in reversed(list(_scripts().walk_revisions()))]
+    return list(_revisions_at(script_location))
 
 
 def _version_in(conn, table_name: str) -> str | None:
@@ -580,6 +617,8 @@ def _upgrade_locked(engine, conn, revision, contract):
         )
     if contracts:
         _refuse_if_blocked(engine, conn, contracts)
+    from alembic import command
+
     if state.revision is not None and not state.recorded:
         # A schema written by 0.1.0: its revision moves to the new table.
         command.stamp(_alembic_config(conn), state.revision)

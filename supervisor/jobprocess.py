@@ -45,6 +45,7 @@ from supervisor.processes import (
     die_with_parent,
     has_children,
     kill_tree,
+    set_scheduling,
     set_title,
 )
 from supervisor.records import Job
@@ -75,6 +76,7 @@ class Assignment:
     # database_url.
     engine: object = None
     import_path: tuple[str, ...] = ()  # put first on sys.path (targets.job_import_path)
+    scheduling: str = "normal"  # jobs.scheduling: the job process's scheduling class
 
 
 def open_storage(assignment: Assignment):
@@ -433,7 +435,7 @@ def _signal(pid, sig):
 # --- the job's own process ---------------------------------------------------------
 
 
-def _become_job_process(nice: int):
+def _become_job_process(nice: int, scheduling: str = "normal"):
     die_with_parent()  # if the child dies, so does the job
     if os.getppid() == 1:
         os._exit(1)
@@ -441,6 +443,7 @@ def _become_job_process(nice: int):
     # two cores, a handoff measured 5 s instead of milliseconds. The child
     # stays at the supervisor's priority so its deadline is always kept.
     os.nice(nice)
+    set_scheduling(scheduling)
     signal.set_wakeup_fd(-1)
     for sig in _RESET_SIGNALS:
         signal.signal(sig, signal.SIG_DFL)
@@ -452,7 +455,7 @@ def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, clo
     which records it (or relays it to the supervisor). Never returns."""
     for fd in close:
         os.close(fd)
-    _become_job_process(assignment.nice)
+    _become_job_process(assignment.nice, assignment.scheduling)
     job = assignment.job
     set_title(f"shiftchange: job {job.id} {job.target}")
     context = jobcontext.JobContext(
@@ -541,7 +544,7 @@ def exec_command(assignment: Assignment, results: int, checkpoint_fd: int, exec_
     the failure) and to the supervisor. `output`: the pipes its stdout and
     stderr go to."""
     job = assignment.job
-    _become_job_process(assignment.nice)
+    _become_job_process(assignment.nice, assignment.scheduling)
     if output:
         for fd, pipe in zip((1, 2), output):
             os.dup2(pipe, fd)

@@ -40,10 +40,15 @@ class NewJob:
     timeout: float | None = None  # seconds a run may take from its claim
 
 
+# One encoder for every job: json.dumps with options builds a new one per
+# call, a third of the time a bulk enqueue spent validating.
+_STRICT_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+
+
 def to_json(value, what: str, limit: int = MAX_PAYLOAD_BYTES) -> str:
     """Strict JSON for `value`, or InvalidJob naming `what` and the problem."""
     try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        text = _STRICT_JSON.encode(value)
     except (TypeError, ValueError) as exc:
         raise InvalidJob(f"{what} must be JSON-serialisable: {exc}") from None
     size = len(text.encode())

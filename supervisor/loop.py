@@ -151,7 +151,8 @@ class Supervisor:
         (no such database, authentication failed) is raised at once."""
         give_up_at = self.clock() + self.config.database.retry_for
         delay = 0.2
-        engine = make_engine(self.config.database.url, bounds=self.db_bounds)
+        engine = make_engine(self.config.database.url, bounds=self.db_bounds,
+                             sqlite_synchronous=self.config.database.sqlite_synchronous)
         while True:
             try:
                 ensure_schema(engine)
@@ -331,7 +332,8 @@ class Supervisor:
             return
         assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice,
                                 self.db_bounds, retry_backoff=self.config.jobs.retry_backoff,
-                                engine=self.storage.engine, import_path=self.import_path)
+                                engine=self.storage.engine, import_path=self.import_path,
+                                scheduling=self.config.jobs.scheduling)
         child = spawn(assignment, self.fence_deadline(), self.clock())
         self.running[child.pid] = child
         event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,

@@ -41,6 +41,35 @@ def become_subreaper() -> bool:
     return _prctl(PR_SET_CHILD_SUBREAPER, 1)
 
 
+# jobs.scheduling -> the Linux scheduling policy of a job's process. A
+# process may move itself (and what it forks inherits it) into BATCH or IDLE
+# without privileges; it could not come back, which a job never needs.
+JOB_SCHEDULING = {
+    "normal": getattr(os, "SCHED_OTHER", None),
+    "batch": getattr(os, "SCHED_BATCH", None),
+    "idle": getattr(os, "SCHED_IDLE", None),
+}
+
+
+def set_scheduling(kind: str) -> bool:
+    """Put this process in the scheduling class `kind` of jobs.scheduling.
+
+    `idle` (SCHED_IDLE): a runnable process of the normal class (the
+    supervisor, a child) preempts it at once, so a handoff does not wait for
+    a CPU behind dozens of CPU-bound jobs; the jobs still get every cycle
+    nothing else wants. `batch` (SCHED_BATCH): like normal, but never
+    preempts others on wake-up. False where the platform has no such
+    policy; the job then runs in the normal class at `jobs.nice`."""
+    policy = JOB_SCHEDULING.get(kind)
+    if kind == "normal" or policy is None:
+        return kind == "normal"
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 def set_title(title: str) -> None:
     """What `ps` and `top` show for this process: the supervisor, a child
     and a job's process must be told apart by an operator about to kill one."""

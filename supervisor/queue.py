@@ -39,7 +39,8 @@ class Queue:
         if not create:
             missing_sqlite_file(url)
         server = self.config.server
-        self.engine = make_engine(url, pre_ping=True, bounds=command_bounds(server.heartbeat_interval, server.dead_after))
+        self.engine = make_engine(url, pre_ping=True, bounds=command_bounds(server.heartbeat_interval, server.dead_after),
+                                  sqlite_synchronous=self.config.database.sqlite_synchronous)
         try:
             ensure_schema(self.engine, create=create)
         except BaseException:

@@ -163,6 +163,17 @@ def report_niceness(record_dir):
     _log(record_dir, "niceness", f"{os.nice(0)} {psutil.Process(os.getppid()).nice()}")
 
 
+def report_scheduling(record_dir):
+    """The scheduling policy of this job process and of its child (its
+    parent), and PRAGMA synchronous on this run's own database connection."""
+    from sqlalchemy import text
+
+    engine = current_job()._storage_for_run().engine
+    with engine.connect() as conn:
+        synchronous = conn.execute(text("PRAGMA synchronous")).scalar() if engine.dialect.name == "sqlite" else -1
+    _log(record_dir, "scheduling", f"{os.sched_getscheduler(0)} {os.sched_getscheduler(os.getppid())} {synchronous}")
+
+
 def finish_after(record_dir, seconds):
     """Take `seconds` whatever happens (a stop notice included), then record
     that the job's code completed."""

@@ -27,3 +27,21 @@ def test_the_quick_benchmarks_run_and_print_one_json_line_per_measurement():
                      "rolling_deploy"):
             assert (name, db) in measured
     assert all(r["overlapping_runs"] == 0 for r in results if "overlapping_runs" in r)
+
+
+@pytest.mark.timeout(290)
+def test_the_issue_11_benchmarks_run_small_and_print_json():
+    """benchmarks.under_load, bulk_enqueue, cli_startup, sqlite_durability."""
+    commands = [
+        ["benchmarks.under_load", "--db", "sqlite", "--jobs", "2", "--runs", "1", "--seconds", "1",
+         "--scheduling", "normal,idle"],
+        ["benchmarks.bulk_enqueue", "--db", "sqlite", "--jobs", "300", "--cli"],
+        ["benchmarks.cli_startup", "--db", "sqlite", "--runs", "1"],
+        ["benchmarks.sqlite_durability", "--commits", "5", "--rounds", "1"],
+    ]
+    for command in commands:
+        done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=250,
+                              cwd=REPO_ROOT)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results = [json.loads(line) for line in done.stdout.splitlines()]
+        assert results and all("measurement" in r for r in results), done.stdout

@@ -168,6 +168,8 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path):
     ("jobs:\n  allow: 5\n", 2, ["jobs.allow"]),
     ("jobs:\n  memory_limit: lots\n", 2, ["jobs.memory_limit", "not a size"]),
     ("log:\n  level: loud\n", 2, ["log.level", "debug, info"]),
+    ("jobs:\n  nice: 5\n  scheduling: fifo\n", 3, ["jobs.scheduling", "normal, batch, idle", "'fifo'"]),
+    ("database:\n  sqlite_synchronous: off\n", 2, ["database.sqlite_synchronous", "full, normal"]),
     ("database:\n  url: 5\n", 2, ["database.url", "string"]),
     ("server: [1, 2]\n", 1, ["'server' must be a mapping"]),
     ("- just\n- a list\n", 1, ["top level must be a mapping"]),

@@ -153,6 +153,16 @@ def test_every_migration_declares_whether_it_only_adds():
             assert release_tuple(module.oldest_release) and module.oldest_release_head in known_revisions()
 
 
+def test_the_revisions_read_without_alembic_are_alembics():
+    """Read commands list the revisions from the scripts' text (no Alembic
+    import); they must be exactly what Alembic walks."""
+    from supervisor.database import _scripts
+
+    walked = [script.revision for script in reversed(list(_scripts().walk_revisions()))]
+    assert known_revisions() == walked
+    assert head_revision() == _scripts().get_current_head() == walked[-1]
+
+
 def test_a_newer_schema_declared_compatible_is_used_as_it_is(engine, db_url):
     upgrade(engine)
     set_versions(engine, "0099", "0002")  # a later release added things

@@ -2,6 +2,7 @@
 (SQLite and PostgreSQL). Named as the situations they prove."""
 
 import json
+import os
 import signal
 
 import psutil
@@ -196,3 +197,18 @@ def test_job_processes_yield_the_cpu_to_their_supervisor_and_child(queue, e2e_db
     wait_for(lambda: state_of(queue, job.id) == "succeeded", what="the job")
     base = psutil.Process(sup.pid).nice()
     assert read_lines(records / "niceness") == [f"{base + 7} {base}"]
+
+
+@pytest.mark.parametrize("scheduling, policy", [("idle", os.SCHED_IDLE), ("batch", os.SCHED_BATCH),
+                                                ("normal", os.SCHED_OTHER)])
+def test_job_processes_run_in_the_scheduling_class_of_jobs_scheduling(queue, e2e_db_url, supervisors, records,
+                                                                      scheduling, policy):
+    """jobs.scheduling: the job's process (and what it forks) is in that
+    class; its child and the supervisor stay normal, so they preempt it."""
+    sup = supervisors(e2e_db_url, "s1", jobs={"scheduling": scheduling})
+    sup.wait_registered(queue)
+    job = queue.enqueue("scjobs:report_scheduling", [str(records)])
+    wait_for(lambda: state_of(queue, job.id) == "succeeded", what="the job")
+    mine, child, _ = read_lines(records / "scheduling")[0].split()
+    assert (int(mine), int(child)) == (policy, os.SCHED_OTHER)
+    assert os.sched_getscheduler(sup.pid) == os.SCHED_OTHER

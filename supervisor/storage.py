@@ -331,7 +331,8 @@ class Storage:
                  kwargs=spec.kwargs_json, priority=spec.priority, state="scheduled" if _later(spec) else "enqueued",
                  given_run_at=spec.run_at, delay=spec.delay, max_attempts=spec.max_attempts,
                  max_interruptions=spec.max_interruptions, unique_key=spec.unique_key,
-                 unique_active=spec.unique_key, timeout=spec.timeout)
+                 unique_active=spec.unique_key, timeout=spec.timeout,
+                 recurring=recurring and recurring[0], recurring_tick=recurring and recurring[1])
             for spec in specs
         ]
         if conn.dialect.name == "postgresql":

@@ -17,20 +17,34 @@ so that it can always do its three duties, whatever the job's code is doing:
   outcome. So a frozen, starved or killed supervisor cannot turn a finished
   run into a rerun.
 
+With `jobs.reuse_processes`, the child of a callable job is a *slot*: once
+its job's outcome is recorded it stays, and so does its job process, and the
+supervisor hands it the next callable job on the lifeline (`J` line), so a
+short job costs no fork. A slot keeps all three duties for each job; it
+retires (kills its whole tree and exits, like any child) after
+jobs.max_jobs_per_process jobs, when its job process holds more than
+jobs.max_memory_per_process, and after any run that leaves the process in
+doubt: a stop notice, a timeout, a job that left processes or threads
+running, a job process that died. Killing a slot is killing its job's tree,
+exactly as before.
+
 Messages to the supervisor are JSON lines on the results pipe.
-The lifeline carries `S` (stop notice) and `R<deadline>` (renewal) lines.
+The lifeline carries `S` (stop notice), `T<reason>` (timeout), `R<deadline>`
+(renewal) and, to an idle slot, `J<next job>` lines.
 """
 
 import asyncio
+import base64
 import inspect
 import json
 import os
+import pickle
 import select
 import signal
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from supervisor import jobcontext
 
@@ -39,12 +53,14 @@ from supervisor.jobspec import to_json
 from supervisor.outcomes import record_finished_run
 from supervisor.processes import (
     become_subreaper,
+    children_of,
     clock,
     close_fds_except,
     describe_status,
     die_with_parent,
     has_children,
     kill_tree,
+    rss,
     set_title,
 )
 from supervisor.records import Job
@@ -75,6 +91,20 @@ class Assignment:
     # database_url.
     engine: object = None
     import_path: tuple[str, ...] = ()  # put first on sys.path (targets.job_import_path)
+    reuse: bool = False  # a callable's child stays as a slot for further jobs
+    max_jobs: int = 1  # jobs.max_jobs_per_process
+    max_memory: int | None = None  # jobs.max_memory_per_process, bytes
+
+
+def encode_next_job(job: Job, server_id: str, deadline: float) -> bytes:
+    """The `J` line that hands an idle slot its next job. Pickle: both ends
+    are our own processes, and a Job (its events, its checkpoint) crosses
+    whole, as it does a fork."""
+    return b"J" + base64.b64encode(pickle.dumps((job, server_id, deadline)))
+
+
+def decode_next_job(line: bytes) -> tuple[Job, str, float]:
+    return pickle.loads(base64.b64decode(line[1:]))
 
 
 def open_storage(assignment: Assignment):
@@ -131,6 +161,11 @@ class Child:
         self.outcome_data = b""
         self.output = {}  # a command's stdout/stderr pipe -> the fd it is passed on to
         self.output_tail = b""  # the end of a command's output, for its result
+        self.next_job = None  # a `J` line read from the lifeline
+        self.jobs_to_process = None  # a slot: where its job process reads its next job
+        self.jobs_run = 0
+        self.doubtful = False  # the job process says: do not reuse me
+        self.supervisor_gone = False
 
     def run(self) -> int:
         # Leader of its own process group, but in the supervisor's session:
@@ -142,44 +177,114 @@ class Child:
         become_subreaper()
         close_fds_except({self.lifeline, self.results})
         self.wakeup = self._own_signals()
-        job = self.assignment.job
-        if job.kind == "command":
-            self.notice, job_end = os.pipe()  # checkpoint lines from the command
-            # Why an exec failed; closed by a successful exec (O_CLOEXEC).
-            self.exec_error, exec_error_w = os.pipe2(os.O_CLOEXEC)
-            # Its stdout and stderr pass through this child, which keeps
-            # their last lines for the job's result.
-            (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
-            self.output = {out_r: 1, err_r: 2}
-            self.job_pid = os.fork()
-            if self.job_pid == 0:
-                exec_command(self.assignment, self.results, job_end, exec_error_w, (out_w, err_w))
-            for fd in (exec_error_w, out_w, err_w):
-                os.close(fd)
+        if self.assignment.job.kind == "command":
+            self._start_command()
         else:
-            job_end, self.notice = os.pipe()  # stop notices to the job's process
-            self.outcome_r, outcome_w = os.pipe()  # its outcome, once its code has ended
-            os.set_blocking(self.outcome_r, False)
-            self.job_pid = os.fork()
-            if self.job_pid == 0:
-                # The job's process gets no end of the results pipe: only this
-                # child speaks to the supervisor (see _record_outcome).
-                run_callable(self.assignment, job_end, outcome_w,
-                             (self.lifeline, self.results, self.notice, self.wakeup, self.outcome_r))
-            os.close(outcome_w)
-        os.close(job_end)
-        ended = self._watch()
+            self._start_job_process()
+        while True:
+            ended = self._watch()
+            keep = ended and self._keeps_job_process()
+            if not keep:
+                self._clean_up_tree()
+                self._drain_output()
+            self._report(ended, keep)
+            if not keep or not self._take_next_job():
+                break
         self._clean_up_tree()
-        self._drain_output()
-        if ended:
-            status = self.job_status
-            how = describe_status(status) if status is not None else "killed after its code had ended"
-            code = os.waitstatus_to_exitcode(status) if status is not None else None
-            said = self._record_outcome(how, code)
-            if self.assignment.job.kind == "command":
-                said.setdefault("result", self._command_result(code))  # for the supervisor to record
-            send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed, **said)
         return 0
+
+    def _start_command(self) -> None:
+        self.notice, job_end = os.pipe()  # checkpoint lines from the command
+        # Why an exec failed; closed by a successful exec (O_CLOEXEC).
+        self.exec_error, exec_error_w = os.pipe2(os.O_CLOEXEC)
+        # Its stdout and stderr pass through this child, which keeps
+        # their last lines for the job's result.
+        (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+        self.output = {out_r: 1, err_r: 2}
+        self.job_pid = os.fork()
+        if self.job_pid == 0:
+            exec_command(self.assignment, self.results, job_end, exec_error_w, (out_w, err_w))
+        for fd in (exec_error_w, out_w, err_w, job_end):
+            os.close(fd)
+
+    def _start_job_process(self) -> None:
+        job_end, self.notice = os.pipe()  # stop notices to the job's process
+        self.outcome_r, outcome_w = os.pipe()  # its outcome, once its code has ended
+        os.set_blocking(self.outcome_r, False)
+        jobs_r = None
+        if self.assignment.reuse:
+            jobs_r, self.jobs_to_process = os.pipe()
+        self.job_pid = os.fork()
+        if self.job_pid == 0:
+            # The job's process gets no end of the results pipe: only this
+            # child speaks to the supervisor (see _record_outcome).
+            run_callable(self.assignment, job_end, outcome_w,
+                         (self.lifeline, self.results, self.notice, self.wakeup, self.outcome_r,
+                          self.jobs_to_process), jobs_r)
+        for fd in (outcome_w, job_end, jobs_r):
+            if fd is not None:
+                os.close(fd)
+
+    def _report(self, ended: bool, keep: bool) -> None:
+        """Record how the run ended and tell the supervisor (`next`: this
+        slot takes another job; otherwise it exits now)."""
+        if not ended:
+            return
+        status = self.job_status
+        if keep:
+            how = "its code ended"
+        else:
+            how = describe_status(status) if status is not None else "killed after its code had ended"
+        code = os.waitstatus_to_exitcode(status) if status is not None else None
+        said = self._record_outcome(how, code)
+        if self.assignment.job.kind == "command":
+            said.setdefault("result", self._command_result(code))  # for the supervisor to record
+        send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed, next=keep, **said)
+
+    def _keeps_job_process(self) -> bool:
+        """May the job process run another job? Only a callable's that
+        finished cleanly, in time, with nothing of it left running, under
+        its limits of jobs and memory."""
+        self.jobs_run += 1
+        max_memory = self.assignment.max_memory
+        return bool(
+            self.jobs_to_process is not None
+            and self.job_status is None  # it is alive
+            and not (self.stop_noticed or self.timed_out or self.doubtful or self.supervisor_gone)
+            and clock() < self.deadline
+            and self.jobs_run < self.assignment.max_jobs
+            and not (max_memory and rss(self.job_pid) > max_memory)
+            and children_of(os.getpid()) == {self.job_pid}  # nothing re-parented to us
+            and not children_of(self.job_pid)  # nor left below it
+        )
+
+    def _take_next_job(self) -> bool:
+        """Wait, idle, for the supervisor's next job and pass it to the job
+        process. False when there will be none: the supervisor closed the
+        lifeline (it is gone, or stopping), or the job process died."""
+        while self.next_job is None:
+            try:
+                ready, _, _ = select.select([self.lifeline, self.wakeup, self.outcome_r], [], [])
+            except InterruptedError:
+                continue
+            if self.lifeline in ready and not self._read_lifeline():
+                return False
+            if self.wakeup in ready:
+                os.read(self.wakeup, 4096)
+                if self._reap():
+                    return False
+            if self.outcome_r in ready:
+                return False  # EOF: the job process is gone
+        line, self.next_job = self.next_job, None
+        job, server_id, self.deadline = decode_next_job(line)
+        self.assignment = replace(self.assignment, job=job, server_id=server_id)
+        self.stop_noticed, self.timed_out, self.outcome_data = False, None, b""
+        set_title(f"shiftchange: child of job {job.id}")
+        try:
+            os.write(self.jobs_to_process, line + b"\n")  # blocks at most until the job process reads it
+        except OSError:
+            return False
+        return True
 
     def _record_outcome(self, how: str, code: int | None) -> dict:
         """Record how the run ended, from here (see outcomes.py): what a
@@ -263,6 +368,7 @@ class Child:
             return None
         try:
             message = json.loads(self.outcome_data)
+            self.doubtful = bool(message.get("doubtful"))
             return message["outcome"], message.get("error"), message.get("result")
         except (ValueError, KeyError, TypeError):
             return None
@@ -310,14 +416,18 @@ class Child:
                 # The supervisor is gone: the job must stop now. If its code
                 # has ended, it runs no job code any more, and its outcome is
                 # recorded all the same: a finished run must not become a rerun.
+                self.supervisor_gone = True
                 return self._delivered_outcome() is not None
             if self.wakeup in ready:
                 os.read(self.wakeup, 4096)
             if self.assignment.job.kind == "command" and self.notice in ready:
                 if not self._read_checkpoints():
                     watched.remove(self.notice)
-            if self.outcome_r in ready and not self._read_outcome():
-                watched.remove(self.outcome_r)
+            if self.outcome_r in ready:
+                if not self._read_outcome():
+                    watched.remove(self.outcome_r)
+                elif self.jobs_to_process is not None and self._delivered_outcome() is not None:
+                    return True  # a slot's job process lives on for the next job
             for fd in self.output:
                 if fd in ready and not self._pass_output(fd):
                     watched.remove(fd)
@@ -338,6 +448,8 @@ class Child:
                 self._notice_stop()
             elif line.startswith(b"R"):
                 self.deadline = float(line[1:])
+            elif line.startswith(b"J"):
+                self.next_job = line
         return True
 
     def _notice_stop(self):
@@ -447,19 +559,49 @@ def _become_job_process(nice: int):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, close: tuple):
+def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, close: tuple,
+                 next_jobs: int | None = None):
     """Import and call the job's target; report how it ended to the child,
-    which records it (or relays it to the supervisor). Never returns."""
+    which records it (or relays it to the supervisor). In a slot
+    (`next_jobs`), then read the next job from the child and run it, until
+    the child closes that pipe or dies. Never returns."""
     for fd in close:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     _become_job_process(assignment.nice)
+    storage = []  # one connection per process, for every job's checkpoints
+
+    def kept_storage():
+        if not storage:
+            storage.append(open_storage(assignment))
+        return storage[0]
+
+    threading.Thread(target=_watch_stop_notices, args=(stop_notices,), daemon=True).start()
+    threads = threading.active_count()
+    jobs = os.fdopen(next_jobs, "rb") if next_jobs is not None else None
+    while True:
+        outcome, error, result = _run_job(assignment, kept_storage)
+        # A job that left threads running shares them with the next one: no.
+        doubtful = threading.active_count() > threads
+        # First to the child, which records it: from this moment a dying or
+        # late supervisor no longer turns the finished run into a rerun.
+        send(outcome_fd, outcome=outcome, error=error, result=result, doubtful=doubtful)
+        _flush_stdio()
+        line = jobs.readline().rstrip(b"\n") if jobs else b""
+        if not line:
+            os._exit(0)
+        job, server_id, _ = decode_next_job(line)
+        assignment = replace(assignment, job=job, server_id=server_id)
+
+
+def _run_job(assignment: Assignment, open_storage_of_run) -> tuple[str, str | None, str | None]:
+    """One run of a callable job in this process: (outcome, error, result JSON)."""
     job = assignment.job
     set_title(f"shiftchange: job {job.id} {job.target}")
-    context = jobcontext.JobContext(
-        job, job.lease, assignment.server_id, lambda: open_storage(assignment)
-    )
-    threading.Thread(target=_watch_stop_notices, args=(stop_notices, context), daemon=True).start()
+    context = jobcontext.JobContext(job, job.lease, assignment.server_id, open_storage_of_run)
     jobcontext._enter(context)
+    if _stop_noticed.is_set():  # it came before the job's context existed
+        context._notice_stop()
     outcome, error, value = "succeeded", None, None
     try:
         assignment.allow.check_callable(job.target)  # again, before any import
@@ -477,14 +619,11 @@ def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, clo
             outcome, error = "failed", f"the job called sys.exit({exc.code!r})"
     except BaseException:
         outcome, error = "failed", traceback.format_exc()
-    result = None
+    finally:
+        jobcontext._enter(None)
     if outcome == "succeeded":
-        outcome, error, result = result_of(value)
-    # First to the child, which records it: from this moment a dying or
-    # late supervisor no longer turns the finished run into a rerun.
-    send(outcome_fd, outcome=outcome, error=error, result=result)
-    _flush_stdio()
-    os._exit(0)
+        return result_of(value)
+    return outcome, error, None
 
 
 def result_of(value) -> tuple[str, str | None, str | None]:
@@ -527,10 +666,18 @@ async def _await_all(awaitable):
     return result
 
 
-def _watch_stop_notices(fd: int, context) -> None:
+_stop_noticed = threading.Event()  # this job process got a stop notice
+
+
+def _watch_stop_notices(fd: int) -> None:
+    """Pass stop notices to the running job. A slot sends one only while a
+    job runs, and retires after it, so a notice never reaches a later job."""
     try:
-        if os.read(fd, 1):
-            context._notice_stop()
+        while os.read(fd, 1):
+            _stop_noticed.set()  # before reading _current: see _run_job
+            context = jobcontext._current
+            if context is not None:
+                context._notice_stop()
     except OSError:
         pass
 

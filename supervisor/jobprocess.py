@@ -166,6 +166,7 @@ class Child:
         self.jobs_run = 0
         self.doubtful = False  # the job process says: do not reuse me
         self.supervisor_gone = False
+        self.retired = None  # why this slot's job process runs no more jobs
 
     def run(self) -> int:
         # Leader of its own process group, but in the supervisor's session:
@@ -239,24 +240,29 @@ class Child:
         said = self._record_outcome(how, code)
         if self.assignment.job.kind == "command":
             said.setdefault("result", self._command_result(code))  # for the supervisor to record
-        send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed, next=keep, **said)
+        send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed, next=keep,
+             retired=self.retired, **said)
 
     def _keeps_job_process(self) -> bool:
-        """May the job process run another job? Only a callable's that
-        finished cleanly, in time, with nothing of it left running, under
-        its limits of jobs and memory."""
+        """May the job process run another job? See reason_to_retire."""
         self.jobs_run += 1
-        max_memory = self.assignment.max_memory
-        return bool(
-            self.jobs_to_process is not None
-            and self.job_status is None  # it is alive
-            and not (self.stop_noticed or self.timed_out or self.doubtful or self.supervisor_gone)
-            and clock() < self.deadline
-            and self.jobs_run < self.assignment.max_jobs
-            and not (max_memory and rss(self.job_pid) > max_memory)
-            and children_of(os.getpid()) == {self.job_pid}  # nothing re-parented to us
-            and not children_of(self.job_pid)  # nor left below it
+        if self.jobs_to_process is None:
+            return False  # not a slot: a command, or jobs.reuse_processes is off
+        alive = self.job_status is None
+        self.retired = reason_to_retire(
+            alive=alive,
+            stopped=self.stop_noticed or bool(self.timed_out) or self.supervisor_gone,
+            in_time=clock() < self.deadline,
+            doubtful=self.doubtful,
+            jobs_run=self.jobs_run,
+            max_jobs=self.assignment.max_jobs,
+            memory=rss(self.job_pid) if alive and self.assignment.max_memory else 0,
+            max_memory=self.assignment.max_memory,
+            # Anything the job started that still runs: re-parented to us
+            # (we are a subreaper), or still below the job process.
+            strays=alive and (children_of(os.getpid()) != {self.job_pid} or bool(children_of(self.job_pid))),
         )
+        return self.retired is None
 
     def _take_next_job(self) -> bool:
         """Wait, idle, for the supervisor's next job and pass it to the job
@@ -523,6 +529,30 @@ class Child:
                 return
             except InterruptedError:
                 continue
+
+
+def reason_to_retire(*, alive: bool, stopped: bool, in_time: bool, doubtful: bool, jobs_run: int,
+                     max_jobs: int, memory: int, max_memory: int | None, strays: bool) -> str | None:
+    """Why a slot's job process must not run another job, or None when it
+    may: only one that finished its job cleanly, in time, with nothing of
+    the job left running, under jobs.max_jobs_per_process and
+    jobs.max_memory_per_process. After a stop notice or a timeout the
+    job's state is in doubt (it may have been cut short mid-way)."""
+    if not alive:
+        return "its job process died"
+    if stopped:
+        return "its job was stopped (stop notice, timeout or the supervisor gone)"
+    if not in_time:
+        return "its deadline passed (the supervisor stopped renewing it)"
+    if doubtful:
+        return "the job left threads running"
+    if strays:
+        return "the job left processes running"
+    if jobs_run >= max_jobs:
+        return f"it ran {jobs_run} jobs (jobs.max_jobs_per_process)"
+    if max_memory and memory > max_memory:
+        return f"it holds {memory / 2**20:.0f} MiB (jobs.max_memory_per_process: {max_memory / 2**20:.0f} MiB)"
+    return None
 
 
 def command_outcome(how: str, code: int, stop_noticed: bool) -> tuple[str, str | None]:

@@ -107,16 +107,19 @@ def decode_next_job(line: bytes) -> tuple[Job, str, float]:
     return pickle.loads(base64.b64decode(line[1:]))
 
 
-def open_storage(assignment: Assignment):
+def open_storage(assignment: Assignment, keep_connection: bool = False):
     """Storage on fresh connections of this process; never on the parent's.
     Its calls are bounded like the supervisor's: a checkpoint or an outcome
-    during a network partition fails instead of hanging."""
+    during a network partition fails instead of hanging. `keep_connection`
+    (a slot, which forks nothing more): SQLite too keeps its connection open
+    between transactions; other databases pool theirs anyway."""
     from supervisor.database import DEFAULT_BOUNDS, make_engine
     from supervisor.storage import Storage
 
     engine = assignment.engine
-    if engine is None:
-        return Storage(make_engine(assignment.database_url, bounds=assignment.database_bounds or DEFAULT_BOUNDS))
+    if engine is None or (keep_connection and engine.dialect.name == "sqlite"):
+        return Storage(make_engine(assignment.database_url, bounds=assignment.database_bounds or DEFAULT_BOUNDS,
+                                   keep_connection=keep_connection))
     # Forget the pooled connections inherited from the supervisor without
     # closing them (they are its); connections are opened anew from here.
     engine.dispose(close=False)
@@ -167,6 +170,7 @@ class Child:
         self.doubtful = False  # the job process says: do not reuse me
         self.supervisor_gone = False
         self.retired = None  # why this slot's job process runs no more jobs
+        self.unrecorded = False  # the last outcome could not be recorded here
 
     def run(self) -> int:
         # Leader of its own process group, but in the supervisor's session:
@@ -188,7 +192,7 @@ class Child:
             if not keep:
                 self._clean_up_tree()
                 self._drain_output()
-            self._report(ended, keep)
+            keep = self._report(ended, keep)
             if not keep or not self._take_next_job():
                 break
         self._clean_up_tree()
@@ -226,11 +230,11 @@ class Child:
             if fd is not None:
                 os.close(fd)
 
-    def _report(self, ended: bool, keep: bool) -> None:
+    def _report(self, ended: bool, keep: bool) -> bool:
         """Record how the run ended and tell the supervisor (`next`: this
-        slot takes another job; otherwise it exits now)."""
+        slot takes another job; otherwise it exits now). Returns `next`."""
         if not ended:
-            return
+            return False
         status = self.job_status
         if keep:
             how = "its code ended"
@@ -238,10 +242,13 @@ class Child:
             how = describe_status(status) if status is not None else "killed after its code had ended"
         code = os.waitstatus_to_exitcode(status) if status is not None else None
         said = self._record_outcome(how, code)
+        if keep and self.unrecorded:
+            keep, self.retired = False, "its job's outcome could not be recorded here"
         if self.assignment.job.kind == "command":
             said.setdefault("result", self._command_result(code))  # for the supervisor to record
         send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed, next=keep,
              retired=self.retired, **said)
+        return keep
 
     def _keeps_job_process(self) -> bool:
         """May the job process run another job? See reason_to_retire."""
@@ -316,6 +323,7 @@ class Child:
                                        kind, error, self.assignment.retry_backoff, result=result)
         if recorded:
             return {"outcome": kind, "error": error, "recorded": recorded}
+        self.unrecorded = True  # a write may still be in flight on the kept connection
         if self.assignment.job.kind != "command":
             # Not recorded (the database did not answer): relay what the job's
             # process said, for the supervisor to record.
@@ -382,7 +390,8 @@ class Child:
     def _kept_storage(self):
         """The connection this child keeps for checkpoints and the outcome."""
         if self.storage is None:
-            self.storage = open_storage(self.assignment)
+            # A slot forked its job process already and forks nothing more.
+            self.storage = open_storage(self.assignment, keep_connection=self.jobs_to_process is not None)
         return self.storage
 
     def _own_signals(self) -> int:

@@ -368,7 +368,9 @@ class Supervisor:
             child.read()
             if child.ended_in_slot():
                 del self.running[child.pid]
-                self.slots[child.pid] = child.idle_slot()
+                slot = self.slots[child.pid] = child.idle_slot()
+                if slot.retiring:
+                    slot.dismiss()  # it may not know (a timeout's notice that crossed its end)
                 self._finish(child)
         while True:
             try:

@@ -188,7 +188,7 @@ class Storage:
     def _record(self, conn, rows: list[dict]) -> None:
         """Append events: dicts of job_id, kind, server_id, detail."""
         if rows:
-            conn.execute(insert(events).values(at=db_now()), rows)
+            conn.execute(_INSERT_EVENTS, rows)
 
     def now(self) -> float:
         """The database clock, in epoch seconds."""
@@ -558,12 +558,7 @@ class Storage:
         and clear its checkpoint. False (and a `stale_write` event) when the
         lease no longer matches."""
         with self._write() as conn:
-            done = conn.execute(
-                update(jobs)
-                .where(self._fenced(job_id, lease))
-                .values(state="succeeded", finished_at=db_now(), error=None, checkpoint=None, result=result,
-                        unique_active=None)
-            )
+            done = conn.execute(_COMPLETE, {"fenced_id": job_id, "fenced_lease": lease, "outcome": result})
             if done.rowcount != 1:
                 self._refuse_stale(conn, job_id, lease, server_id, "success")
                 return False
@@ -1071,7 +1066,14 @@ def _with_server_name(table):
     )
 
 
-# The claim's statements, built once: building a statement costs more CPU
+_INSERT_EVENTS = insert(events).values(at=db_now())
+_COMPLETE = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("fenced_id"), jobs.c.lease == bindparam("fenced_lease"), jobs.c.state == "processing")
+    .values(state="succeeded", finished_at=db_now(), error=None, checkpoint=None, result=bindparam("outcome"),
+            unique_active=None)
+)
+# The hot verbs' statements (claim, complete), built once: building a statement costs more CPU
 # than SQLAlchemy's cached compilation of it, and the claim runs once per job.
 _PAUSED_OF = select(queue_settings.c.name).where(
     queue_settings.c.name.in_(bindparam("names", expanding=True)), queue_settings.c.paused

@@ -12,7 +12,9 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from sqlalchemy import Integer, and_, bindparam, cast, delete, exists, false, func, insert, or_, select, text, tuple_, update
+from sqlalchemy import (
+    Integer, and_, bindparam, cast, delete, exists, false, func, insert, or_, select, text, tuple_, update,
+)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 

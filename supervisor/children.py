@@ -1,6 +1,7 @@
-"""The supervisor's side of its children: fork one per job, talk to it,
-read how it ended, and decide what that means for the job (unless the
-run's own side recorded it already: see outcomes.py)."""
+"""The supervisor's side of its children: fork one per job (or hand the
+next callable job to an idle slot: see jobprocess.py), talk to it, read how
+the job ended, and decide what that means for the job (unless the run's own
+side recorded it already: see outcomes.py)."""
 
 import json
 import os
@@ -8,9 +9,14 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from supervisor.jobprocess import Assignment, command_outcome, run_child
-from supervisor.processes import describe_status
+from supervisor.jobprocess import Assignment, command_outcome, encode_next_job, run_child
+from supervisor.processes import describe_status, signal_group
 from supervisor.records import Job
+
+# A job larger than this (its arguments, its checkpoint) gets a fresh child,
+# which receives it as memory: one write of it into an idle slot's empty
+# lifeline pipe (64 KiB) must never be partial.
+MAX_HANDED_JOB_BYTES = 60_000
 
 
 @dataclass
@@ -28,6 +34,7 @@ class RunningJob:
     status: int | None = None  # waitpid status once reaped
     timed_out: str | None = None  # "timed out after 30m", once its timeout passed
     kill_at: float | None = None  # when a timed-out run's tree gets SIGKILL
+    slot: bool = False  # the child may stay for another job (jobs.reuse_processes)
     _buffer: bytes = b""
 
     def tell(self, line: str) -> None:
@@ -65,6 +72,18 @@ class RunningJob:
                     self.messages.append(json.loads(line))
                 except ValueError:
                     pass  # not from the child: the job's process holds no end of this pipe
+
+    def ended_in_slot(self) -> bool:
+        """A slot reported its job's end and lives on: the job is over
+        without the child exiting."""
+        return self.slot and self._message("exit") is not None
+
+    def idle_slot(self) -> "IdleSlot":
+        """What is left of this child once its job ended in it: a slot that
+        takes the next job, or one that is retiring (it exits by itself)."""
+        ended = self._message("exit") or {}
+        takes_next = bool(ended.get("next")) and not (self.kill_reason or self.lease_lost or self.timed_out)
+        return IdleSlot(self.pid, self.lifeline, self.results, retiring=not takes_next)
 
     def close(self) -> None:
         for fd in (self.lifeline, self.results):
@@ -138,6 +157,52 @@ class RunningJob:
         return "failed", f"the job's child process {how} before the job ended"
 
 
+@dataclass
+class IdleSlot:
+    """A child between jobs, its job process still alive (see jobprocess.py)."""
+
+    pid: int
+    lifeline: int
+    results: int
+    retiring: bool = False  # it exits by itself: no job for it
+
+    def assign(self, job: Job, server_id: str, deadline: float, started: float) -> RunningJob | None:
+        """Hand this slot `job`; None when it cannot take it (then the job
+        gets a fresh child)."""
+        line = encode_next_job(job, server_id, deadline) + b"\n"
+        if self.retiring or len(line) > MAX_HANDED_JOB_BYTES:
+            return None
+        try:
+            written = os.write(self.lifeline, line)
+        except OSError:
+            written = 0  # it died (and is not reaped yet)
+        if written != len(line):
+            self.dismiss(kill=written > 0)  # half a line must never be read as a job
+            return None
+        return RunningJob(job=job, pid=self.pid, lifeline=self.lifeline, results=self.results, started=started,
+                          slot=True)
+
+    def dismiss(self, kill: bool = False) -> None:
+        """Let it go: at its lifeline's EOF it kills its job process and
+        exits (or now, with `kill`)."""
+        self.retiring = True
+        if kill:
+            signal_group(self.pid, signal.SIGKILL)
+        try:
+            os.close(self.lifeline)
+        except OSError:
+            pass
+        self.lifeline = -1
+
+    def close(self) -> None:
+        for fd in (self.lifeline, self.results):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+
+
 def spawn(assignment: Assignment, deadline: float, started: float) -> RunningJob:
     """Fork a child for one job. The child runs jobprocess.run_child."""
     lifeline_r, lifeline_w = os.pipe()
@@ -157,4 +222,5 @@ def spawn(assignment: Assignment, deadline: float, started: float) -> RunningJob
     os.close(results_w)
     os.set_blocking(lifeline_w, False)
     os.set_blocking(results_r, False)
-    return RunningJob(job=assignment.job, pid=pid, lifeline=lifeline_w, results=results_r, started=started)
+    return RunningJob(job=assignment.job, pid=pid, lifeline=lifeline_w, results=results_r, started=started,
+                      slot=assignment.reuse and assignment.job.kind == "callable")

@@ -233,6 +233,13 @@ class JobsConfig:
     # working directory (which is always first, as with Celery and RQ).
     path: tuple[str, ...] = ()
     timeout: float | None = None  # seconds a run may take; a job's own timeout wins
+    # Callable jobs run one after another in a reused job process (no fork
+    # per job), which is recycled after max_jobs_per_process jobs, once it
+    # holds more than max_memory_per_process, and after any run that leaves
+    # its state in doubt. false: a fresh process for every job.
+    reuse_processes: bool = True
+    max_jobs_per_process: int = 1000
+    max_memory_per_process: int | None = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -317,6 +324,9 @@ SCHEMA = {
         "scheduling": parse_choice("normal", "batch", "idle"),
         "path": parse_text_list,
         "timeout": parse_timeout,
+        "reuse_processes": parse_bool,
+        "max_jobs_per_process": parse_positive_int,
+        "max_memory_per_process": parse_size,
     },
     "log": {"format": parse_choice("text", "json"), "level": parse_choice("debug", "info", "warning", "error")},
     "dashboard": {"token": parse_token, "show_args": parse_bool},

@@ -32,7 +32,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import NullPool, StaticPool
 
 from supervisor.errors import (
     ConfigError,
@@ -153,13 +153,17 @@ SQLITE_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}  # database.sqlite_syn
 
 
 def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUNDS,
-                sqlite_synchronous: str = "full") -> Engine:
+                sqlite_synchronous: str = "full", keep_connection: bool = False) -> Engine:
     """An engine for `url` whose every call is bounded by `bounds`.
     `sqlite_synchronous` (database.sqlite_synchronous) is set on each of its
     SQLite connections.
     ConfigError when the URL is not one; StorageRefused when no driver for
     it is installed. `pre_ping` checks a pooled connection before use, so a
-    long-lived producer survives a database restart without a failed call."""
+    long-lived producer survives a database restart without a failed call.
+    `keep_connection`: on SQLite too, one connection stays open for every
+    call (only for a process that forks no more, see below): no open and
+    close per transaction, and no WAL checkpoint each time the last
+    connection to the file closes."""
     try:
         parsed = _driver_url(url)
         dialect = parsed.get_dialect().name
@@ -168,8 +172,14 @@ def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUND
         # process forked while the supervisor holds a connection fails with
         # "locking protocol". No pool means no connection is open between
         # transactions, so none is ever open at a fork.
-        pooling = {"poolclass": NullPool} if dialect == "sqlite" else {"pool_pre_ping": pre_ping}
-        engine = create_engine(parsed, connect_args=_connect_args(dialect, bounds, parsed), **pooling)
+        connect_args = _connect_args(dialect, bounds, parsed)
+        pooling = {"pool_pre_ping": pre_ping}
+        if dialect == "sqlite" and keep_connection:
+            pooling = {"poolclass": StaticPool}
+            connect_args["check_same_thread"] = False  # used by one thread at a time
+        elif dialect == "sqlite":
+            pooling = {"poolclass": NullPool}
+        engine = create_engine(parsed, connect_args=connect_args, **pooling)
     except (NoSuchModuleError, ImportError) as exc:  # NoSuchModuleError is an ArgumentError
         extra = EXTRAS.get(_backend(url), "")
         hint = f" (pip install 'shiftchange[{extra}]')" if extra else ""

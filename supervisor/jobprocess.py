@@ -17,20 +17,34 @@ so that it can always do its three duties, whatever the job's code is doing:
   outcome. So a frozen, starved or killed supervisor cannot turn a finished
   run into a rerun.
 
+With `jobs.reuse_processes`, the child of a callable job is a *slot*: once
+its job's outcome is recorded it stays, and so does its job process, and the
+supervisor hands it the next callable job on the lifeline (`J` line), so a
+short job costs no fork. A slot keeps all three duties for each job; it
+retires (kills its whole tree and exits, like any child) after
+jobs.max_jobs_per_process jobs, when its job process holds more than
+jobs.max_memory_per_process, and after any run that leaves the process in
+doubt: a stop notice, a timeout, a job that left processes or threads
+running, a job process that died. Killing a slot is killing its job's tree,
+exactly as before.
+
 Messages to the supervisor are JSON lines on the results pipe.
-The lifeline carries `S` (stop notice) and `R<deadline>` (renewal) lines.
+The lifeline carries `S` (stop notice), `T<reason>` (timeout), `R<deadline>`
+(renewal) and, to an idle slot, `J<next job>` lines.
 """
 
 import asyncio
+import base64
 import inspect
 import json
 import os
+import pickle
 import select
 import signal
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from supervisor import jobcontext
 
@@ -39,6 +53,7 @@ from supervisor.jobspec import to_json
 from supervisor.outcomes import record_finished_run
 from supervisor.processes import (
     become_subreaper,
+    children_of,
     clock,
     close_fds_except,
     describe_status,
@@ -46,6 +61,7 @@ from supervisor.processes import (
     has_children,
     kill_tree,
     set_scheduling,
+    rss,
     set_title,
 )
 from supervisor.records import Job
@@ -77,18 +93,37 @@ class Assignment:
     engine: object = None
     import_path: tuple[str, ...] = ()  # put first on sys.path (targets.job_import_path)
     scheduling: str = "normal"  # jobs.scheduling: the job process's scheduling class
+    reuse: bool = False  # a callable's child stays as a slot for further jobs
+    max_jobs: int = 1  # jobs.max_jobs_per_process
+    max_memory: int | None = None  # jobs.max_memory_per_process, bytes
+    sqlite_synchronous: str = "full"  # database.sqlite_synchronous, for engines built here
 
 
-def open_storage(assignment: Assignment):
+def encode_next_job(job: Job, server_id: str, deadline: float) -> bytes:
+    """The `J` line that hands an idle slot its next job. Pickle: both ends
+    are our own processes, and a Job (its events, its checkpoint) crosses
+    whole, as it does a fork."""
+    return b"J" + base64.b64encode(pickle.dumps((job, server_id, deadline)))
+
+
+def decode_next_job(line: bytes) -> tuple[Job, str, float]:
+    return pickle.loads(base64.b64decode(line[1:]))
+
+
+def open_storage(assignment: Assignment, keep_connection: bool = False):
     """Storage on fresh connections of this process; never on the parent's.
     Its calls are bounded like the supervisor's: a checkpoint or an outcome
-    during a network partition fails instead of hanging."""
+    during a network partition fails instead of hanging. `keep_connection`
+    (a slot, which forks nothing more): SQLite too keeps its connection open
+    between transactions; other databases pool theirs anyway."""
     from supervisor.database import DEFAULT_BOUNDS, make_engine
     from supervisor.storage import Storage
 
     engine = assignment.engine
-    if engine is None:
-        return Storage(make_engine(assignment.database_url, bounds=assignment.database_bounds or DEFAULT_BOUNDS))
+    if engine is None or (keep_connection and engine.dialect.name == "sqlite"):
+        return Storage(make_engine(assignment.database_url, bounds=assignment.database_bounds or DEFAULT_BOUNDS,
+                                   sqlite_synchronous=assignment.sqlite_synchronous,
+                                   keep_connection=keep_connection))
     # Forget the pooled connections inherited from the supervisor without
     # closing them (they are its); connections are opened anew from here.
     engine.dispose(close=False)
@@ -133,6 +168,13 @@ class Child:
         self.outcome_data = b""
         self.output = {}  # a command's stdout/stderr pipe -> the fd it is passed on to
         self.output_tail = b""  # the end of a command's output, for its result
+        self.next_job = None  # a `J` line read from the lifeline
+        self.jobs_to_process = None  # a slot: where its job process reads its next job
+        self.jobs_run = 0
+        self.doubtful = False  # the job process says: do not reuse me
+        self.supervisor_gone = False
+        self.retired = None  # why this slot's job process runs no more jobs
+        self.unrecorded = False  # the last outcome could not be recorded here
 
     def run(self) -> int:
         # Leader of its own process group, but in the supervisor's session:
@@ -144,44 +186,122 @@ class Child:
         become_subreaper()
         close_fds_except({self.lifeline, self.results})
         self.wakeup = self._own_signals()
-        job = self.assignment.job
-        if job.kind == "command":
-            self.notice, job_end = os.pipe()  # checkpoint lines from the command
-            # Why an exec failed; closed by a successful exec (O_CLOEXEC).
-            self.exec_error, exec_error_w = os.pipe2(os.O_CLOEXEC)
-            # Its stdout and stderr pass through this child, which keeps
-            # their last lines for the job's result.
-            (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
-            self.output = {out_r: 1, err_r: 2}
-            self.job_pid = os.fork()
-            if self.job_pid == 0:
-                exec_command(self.assignment, self.results, job_end, exec_error_w, (out_w, err_w))
-            for fd in (exec_error_w, out_w, err_w):
-                os.close(fd)
+        if self.assignment.job.kind == "command":
+            self._start_command()
         else:
-            job_end, self.notice = os.pipe()  # stop notices to the job's process
-            self.outcome_r, outcome_w = os.pipe()  # its outcome, once its code has ended
-            os.set_blocking(self.outcome_r, False)
-            self.job_pid = os.fork()
-            if self.job_pid == 0:
-                # The job's process gets no end of the results pipe: only this
-                # child speaks to the supervisor (see _record_outcome).
-                run_callable(self.assignment, job_end, outcome_w,
-                             (self.lifeline, self.results, self.notice, self.wakeup, self.outcome_r))
-            os.close(outcome_w)
-        os.close(job_end)
-        ended = self._watch()
+            self._start_job_process()
+        while True:
+            ended = self._watch()
+            keep = ended and self._keeps_job_process()
+            if not keep:
+                self._clean_up_tree()
+                self._drain_output()
+            keep = self._report(ended, keep)
+            if not keep or not self._take_next_job():
+                break
         self._clean_up_tree()
-        self._drain_output()
-        if ended:
-            status = self.job_status
-            how = describe_status(status) if status is not None else "killed after its code had ended"
-            code = os.waitstatus_to_exitcode(status) if status is not None else None
-            said = self._record_outcome(how, code)
-            if self.assignment.job.kind == "command":
-                said.setdefault("result", self._command_result(code))  # for the supervisor to record
-            send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed, **said)
         return 0
+
+    def _start_command(self) -> None:
+        self.notice, job_end = os.pipe()  # checkpoint lines from the command
+        # Why an exec failed; closed by a successful exec (O_CLOEXEC).
+        self.exec_error, exec_error_w = os.pipe2(os.O_CLOEXEC)
+        # Its stdout and stderr pass through this child, which keeps
+        # their last lines for the job's result.
+        (out_r, out_w), (err_r, err_w) = os.pipe(), os.pipe()
+        self.output = {out_r: 1, err_r: 2}
+        self.job_pid = os.fork()
+        if self.job_pid == 0:
+            exec_command(self.assignment, self.results, job_end, exec_error_w, (out_w, err_w))
+        for fd in (exec_error_w, out_w, err_w, job_end):
+            os.close(fd)
+
+    def _start_job_process(self) -> None:
+        job_end, self.notice = os.pipe()  # stop notices to the job's process
+        self.outcome_r, outcome_w = os.pipe()  # its outcome, once its code has ended
+        os.set_blocking(self.outcome_r, False)
+        jobs_r = None
+        if self.assignment.reuse:
+            jobs_r, self.jobs_to_process = os.pipe()
+        self.job_pid = os.fork()
+        if self.job_pid == 0:
+            # The job's process gets no end of the results pipe: only this
+            # child speaks to the supervisor (see _record_outcome).
+            run_callable(self.assignment, job_end, outcome_w,
+                         (self.lifeline, self.results, self.notice, self.wakeup, self.outcome_r,
+                          self.jobs_to_process), jobs_r)
+        for fd in (outcome_w, job_end, jobs_r):
+            if fd is not None:
+                os.close(fd)
+
+    def _report(self, ended: bool, keep: bool) -> bool:
+        """Record how the run ended and tell the supervisor (`next`: this
+        slot takes another job; otherwise it exits now). Returns `next`."""
+        if not ended:
+            return False
+        status = self.job_status
+        if keep:
+            how = "its code ended"
+        else:
+            how = describe_status(status) if status is not None else "killed after its code had ended"
+        code = os.waitstatus_to_exitcode(status) if status is not None else None
+        said = self._record_outcome(how, code)
+        if keep and self.unrecorded:
+            keep, self.retired = False, "its job's outcome could not be recorded here"
+        if self.assignment.job.kind == "command":
+            said.setdefault("result", self._command_result(code))  # for the supervisor to record
+        send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed, next=keep,
+             retired=self.retired, **said)
+        return keep
+
+    def _keeps_job_process(self) -> bool:
+        """May the job process run another job? See reason_to_retire."""
+        self.jobs_run += 1
+        if self.jobs_to_process is None:
+            return False  # not a slot: a command, or jobs.reuse_processes is off
+        alive = self.job_status is None
+        self.retired = reason_to_retire(
+            alive=alive,
+            stopped=self.stop_noticed or bool(self.timed_out) or self.supervisor_gone,
+            in_time=clock() < self.deadline,
+            doubtful=self.doubtful,
+            jobs_run=self.jobs_run,
+            max_jobs=self.assignment.max_jobs,
+            memory=rss(self.job_pid) if alive and self.assignment.max_memory else 0,
+            max_memory=self.assignment.max_memory,
+            # Anything the job started that still runs: re-parented to us
+            # (we are a subreaper), or still below the job process.
+            strays=alive and (children_of(os.getpid()) != {self.job_pid} or bool(children_of(self.job_pid))),
+        )
+        return self.retired is None
+
+    def _take_next_job(self) -> bool:
+        """Wait, idle, for the supervisor's next job and pass it to the job
+        process. False when there will be none: the supervisor closed the
+        lifeline (it is gone, or stopping), or the job process died."""
+        while self.next_job is None:
+            try:
+                ready, _, _ = select.select([self.lifeline, self.wakeup, self.outcome_r], [], [])
+            except InterruptedError:
+                continue
+            if self.lifeline in ready and not self._read_lifeline():
+                return False
+            if self.wakeup in ready:
+                os.read(self.wakeup, 4096)
+                if self._reap():
+                    return False
+            if self.outcome_r in ready:
+                return False  # EOF: the job process is gone
+        line, self.next_job = self.next_job, None
+        job, server_id, self.deadline = decode_next_job(line)
+        self.assignment = replace(self.assignment, job=job, server_id=server_id)
+        self.stop_noticed, self.timed_out, self.outcome_data = False, None, b""
+        set_title(f"shiftchange: child of job {job.id}")
+        try:
+            os.write(self.jobs_to_process, line + b"\n")  # blocks at most until the job process reads it
+        except OSError:
+            return False
+        return True
 
     def _record_outcome(self, how: str, code: int | None) -> dict:
         """Record how the run ended, from here (see outcomes.py): what a
@@ -207,6 +327,7 @@ class Child:
                                        kind, error, self.assignment.retry_backoff, result=result)
         if recorded:
             return {"outcome": kind, "error": error, "recorded": recorded}
+        self.unrecorded = True  # a write may still be in flight on the kept connection
         if self.assignment.job.kind != "command":
             # Not recorded (the database did not answer): relay what the job's
             # process said, for the supervisor to record.
@@ -265,6 +386,7 @@ class Child:
             return None
         try:
             message = json.loads(self.outcome_data)
+            self.doubtful = bool(message.get("doubtful"))
             return message["outcome"], message.get("error"), message.get("result")
         except (ValueError, KeyError, TypeError):
             return None
@@ -272,7 +394,8 @@ class Child:
     def _kept_storage(self):
         """The connection this child keeps for checkpoints and the outcome."""
         if self.storage is None:
-            self.storage = open_storage(self.assignment)
+            # A slot forked its job process already and forks nothing more.
+            self.storage = open_storage(self.assignment, keep_connection=self.jobs_to_process is not None)
         return self.storage
 
     def _own_signals(self) -> int:
@@ -312,14 +435,18 @@ class Child:
                 # The supervisor is gone: the job must stop now. If its code
                 # has ended, it runs no job code any more, and its outcome is
                 # recorded all the same: a finished run must not become a rerun.
+                self.supervisor_gone = True
                 return self._delivered_outcome() is not None
             if self.wakeup in ready:
                 os.read(self.wakeup, 4096)
             if self.assignment.job.kind == "command" and self.notice in ready:
                 if not self._read_checkpoints():
                     watched.remove(self.notice)
-            if self.outcome_r in ready and not self._read_outcome():
-                watched.remove(self.outcome_r)
+            if self.outcome_r in ready:
+                if not self._read_outcome():
+                    watched.remove(self.outcome_r)
+                elif self.jobs_to_process is not None and self._delivered_outcome() is not None:
+                    return True  # a slot's job process lives on for the next job
             for fd in self.output:
                 if fd in ready and not self._pass_output(fd):
                     watched.remove(fd)
@@ -340,6 +467,8 @@ class Child:
                 self._notice_stop()
             elif line.startswith(b"R"):
                 self.deadline = float(line[1:])
+            elif line.startswith(b"J"):
+                self.next_job = line
         return True
 
     def _notice_stop(self):
@@ -415,6 +544,30 @@ class Child:
                 continue
 
 
+def reason_to_retire(*, alive: bool, stopped: bool, in_time: bool, doubtful: bool, jobs_run: int,
+                     max_jobs: int, memory: int, max_memory: int | None, strays: bool) -> str | None:
+    """Why a slot's job process must not run another job, or None when it
+    may: only one that finished its job cleanly, in time, with nothing of
+    the job left running, under jobs.max_jobs_per_process and
+    jobs.max_memory_per_process. After a stop notice or a timeout the
+    job's state is in doubt (it may have been cut short mid-way)."""
+    if not alive:
+        return "its job process died"
+    if stopped:
+        return "its job was stopped (stop notice, timeout or the supervisor gone)"
+    if not in_time:
+        return "its deadline passed (the supervisor stopped renewing it)"
+    if doubtful:
+        return "the job left threads running"
+    if strays:
+        return "the job left processes running"
+    if jobs_run >= max_jobs:
+        return f"it ran {jobs_run} jobs (jobs.max_jobs_per_process)"
+    if max_memory and memory > max_memory:
+        return f"it holds {memory / 2**20:.0f} MiB (jobs.max_memory_per_process: {max_memory / 2**20:.0f} MiB)"
+    return None
+
+
 def command_outcome(how: str, code: int, stop_noticed: bool) -> tuple[str, str | None]:
     """What a command's end means: exit 0 succeeded; EX_TEMPFAIL, or death
     by SIGTERM after the stop notice, asks for a handoff; anything else failed."""
@@ -450,19 +603,49 @@ def _become_job_process(nice: int, scheduling: str = "normal"):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, close: tuple):
+def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, close: tuple,
+                 next_jobs: int | None = None):
     """Import and call the job's target; report how it ended to the child,
-    which records it (or relays it to the supervisor). Never returns."""
+    which records it (or relays it to the supervisor). In a slot
+    (`next_jobs`), then read the next job from the child and run it, until
+    the child closes that pipe or dies. Never returns."""
     for fd in close:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     _become_job_process(assignment.nice, assignment.scheduling)
+    storage = []  # one connection per process, for every job's checkpoints
+
+    def kept_storage():
+        if not storage:
+            storage.append(open_storage(assignment))
+        return storage[0]
+
+    threading.Thread(target=_watch_stop_notices, args=(stop_notices,), daemon=True).start()
+    threads = threading.active_count()
+    jobs = os.fdopen(next_jobs, "rb") if next_jobs is not None else None
+    while True:
+        outcome, error, result = _run_job(assignment, kept_storage)
+        # A job that left threads running shares them with the next one: no.
+        doubtful = threading.active_count() > threads
+        # First to the child, which records it: from this moment a dying or
+        # late supervisor no longer turns the finished run into a rerun.
+        send(outcome_fd, outcome=outcome, error=error, result=result, doubtful=doubtful)
+        _flush_stdio()
+        line = jobs.readline().rstrip(b"\n") if jobs else b""
+        if not line:
+            os._exit(0)
+        job, server_id, _ = decode_next_job(line)
+        assignment = replace(assignment, job=job, server_id=server_id)
+
+
+def _run_job(assignment: Assignment, open_storage_of_run) -> tuple[str, str | None, str | None]:
+    """One run of a callable job in this process: (outcome, error, result JSON)."""
     job = assignment.job
     set_title(f"shiftchange: job {job.id} {job.target}")
-    context = jobcontext.JobContext(
-        job, job.lease, assignment.server_id, lambda: open_storage(assignment)
-    )
-    threading.Thread(target=_watch_stop_notices, args=(stop_notices, context), daemon=True).start()
+    context = jobcontext.JobContext(job, job.lease, assignment.server_id, open_storage_of_run)
     jobcontext._enter(context)
+    if _stop_noticed.is_set():  # it came before the job's context existed
+        context._notice_stop()
     outcome, error, value = "succeeded", None, None
     try:
         assignment.allow.check_callable(job.target)  # again, before any import
@@ -480,14 +663,11 @@ def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, clo
             outcome, error = "failed", f"the job called sys.exit({exc.code!r})"
     except BaseException:
         outcome, error = "failed", traceback.format_exc()
-    result = None
+    finally:
+        jobcontext._enter(None)
     if outcome == "succeeded":
-        outcome, error, result = result_of(value)
-    # First to the child, which records it: from this moment a dying or
-    # late supervisor no longer turns the finished run into a rerun.
-    send(outcome_fd, outcome=outcome, error=error, result=result)
-    _flush_stdio()
-    os._exit(0)
+        return result_of(value)
+    return outcome, error, None
 
 
 def result_of(value) -> tuple[str, str | None, str | None]:
@@ -530,10 +710,18 @@ async def _await_all(awaitable):
     return result
 
 
-def _watch_stop_notices(fd: int, context) -> None:
+_stop_noticed = threading.Event()  # this job process got a stop notice
+
+
+def _watch_stop_notices(fd: int) -> None:
+    """Pass stop notices to the running job. A slot sends one only while a
+    job runs, and retires after it, so a notice never reaches a later job."""
     try:
-        if os.read(fd, 1):
-            context._notice_stop()
+        while os.read(fd, 1):
+            _stop_noticed.set()  # before reading _current: see _run_job
+            context = jobcontext._current
+            if context is not None:
+                context._notice_stop()
     except OSError:
         pass
 

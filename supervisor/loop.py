@@ -16,7 +16,7 @@ import signal
 import socket
 
 from supervisor import systemd
-from supervisor.children import RunningJob, spawn
+from supervisor.children import IdleSlot, RunningJob, spawn
 from supervisor.config import Config, format_duration
 from supervisor.database import bounds_for, ensure_schema, make_engine
 from supervisor.dbtime import to_iso
@@ -63,6 +63,7 @@ class Supervisor:
         self.storage: Storage | None = None
         self.server_id: str | None = None
         self.running: dict[int, RunningJob] = {}  # by child pid
+        self.slots: dict[int, IdleSlot] = {}  # children between jobs, by pid (jobs.reuse_processes)
         self.signals: list[tuple[int, float]] = []  # (signal, when it came)
         self.stop_signal: int | None = None  # the signal that began shutdown
         self.stop_signal_at: float | None = None
@@ -330,14 +331,40 @@ class Supervisor:
             self.pending.append((job, "refused", str(exc), None))
             self.record_pending()
             return
-        assignment = Assignment(job, self.server_id, self.config.database.url, self.allow, self.config.jobs.nice,
-                                self.db_bounds, retry_backoff=self.config.jobs.retry_backoff,
-                                engine=self.storage.engine, import_path=self.import_path,
-                                scheduling=self.config.jobs.scheduling)
-        child = spawn(assignment, self.fence_deadline(), self.clock())
+        child = self._handed_to_slot(job) or spawn(self._assignment(job), self.fence_deadline(), self.clock())
         self.running[child.pid] = child
         event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,
               job.attempts, job.lease, child.pid, event="claimed", job=job.id, server=self.server_id)
+
+    def _assignment(self, job) -> Assignment:
+        jobs = self.config.jobs
+        return Assignment(job, self.server_id, self.config.database.url, self.allow, jobs.nice, self.db_bounds,
+                          retry_backoff=jobs.retry_backoff, engine=self.storage.engine,
+                          import_path=self.import_path, reuse=jobs.reuse_processes and job.kind == "callable",
+                          max_jobs=jobs.max_jobs_per_process, max_memory=jobs.max_memory_per_process,
+                          scheduling=jobs.scheduling, sqlite_synchronous=self.config.database.sqlite_synchronous)
+
+    def _handed_to_slot(self, job) -> RunningJob | None:
+        """Run a callable job in an idle slot, if there is one: no fork."""
+        if job.kind != "callable" or not self.config.jobs.reuse_processes:
+            return None
+        for pid in reversed(list(self.slots)):  # the most recently used: its memory is warm
+            slot = self.slots[pid]
+            if slot.retiring:
+                continue
+            del self.slots[pid]
+            child = slot.assign(job, self.server_id, self.fence_deadline(), self.clock())
+            if child is not None:
+                return child
+            self.slots[pid] = slot  # dismissed: reaped when it exits
+        return None
+
+    def dismiss_idle_slots(self) -> None:
+        """Idle slots exit (killing their job processes) once their lifeline
+        closes; none is needed once claiming stops."""
+        for slot in self.slots.values():
+            if not slot.retiring:
+                slot.dismiss()
 
     def fence_deadline(self) -> float:
         """When children must stop if no heartbeat succeeds before: half a
@@ -352,8 +379,14 @@ class Supervisor:
         """Read the children's messages and reap those that exited, also
         any orphaned descendants that re-parented to us (we are a subreaper,
         and may be PID 1 in a container)."""
-        for child in self.running.values():
+        for child in list(self.running.values()):
             child.read()
+            if child.ended_in_slot():
+                del self.running[child.pid]
+                slot = self.slots[child.pid] = child.idle_slot()
+                if slot.retiring:
+                    slot.dismiss()  # it may not know (a timeout's notice that crossed its end)
+                self._finish(child)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -361,6 +394,8 @@ class Supervisor:
                 break
             if pid == 0:
                 break
+            if pid in self.slots:
+                self.slots.pop(pid).close()
             child = self.running.pop(pid, None)
             if child is not None:
                 child.status = status
@@ -535,6 +570,7 @@ class Supervisor:
 
     def stop_claiming(self) -> None:
         self.claiming = False
+        self.dismiss_idle_slots()
 
     def ignore_outcomes(self) -> None:
         """From the handoff commit on, what the children do is not ours to record."""

@@ -6,6 +6,7 @@ running job is conditional on its lease token, so a run that lost its job
 write matches no row, is refused, and leaves a `stale_write` event behind.
 """
 
+import functools
 import json
 import uuid
 from contextlib import contextmanager
@@ -251,7 +252,7 @@ class Storage:
     def _record(self, conn, rows: list[dict]) -> None:
         """Append events: dicts of job_id, kind, server_id, detail."""
         if rows:
-            conn.execute(insert(events).values(at=db_now()), rows)
+            conn.execute(_INSERT_EVENTS, rows)
 
     def now(self) -> float:
         """The database clock, in epoch seconds."""
@@ -602,9 +603,7 @@ class Storage:
         if probe and not self.locks_rows and not self._anything_due(queues, release):
             return []
         with self._write() as conn:
-            server = conn.execute(
-                self._for_update(select(servers.c.state, servers.c.quiet).where(servers.c.id == server_id), read=True)
-            ).first()
+            server = conn.execute(_claiming_server(self.locks_rows), {"server_id": server_id}).first()
             if server is None or server.state != "running" or server.quiet:
                 return []
             # A paused queue's jobs stay enqueued. The paused set is read in
@@ -613,30 +612,20 @@ class Storage:
             open_queues = self._unpaused(conn, queues)
             if not open_queues:
                 return []
-            due = (
-                select(jobs.c.id)
-                .where(_due(open_queues), *self._left_to_others(conn, release, open_queues))
-                .order_by(jobs.c.priority.desc(), jobs.c.id)
-                .limit(limit)
-            )
-            ids = conn.execute(self._for_update(due, skip_locked=True)).scalars().all()
+            others = self._left_to_others(conn, release, open_queues)
+            if others:
+                due = self._for_update(
+                    select(jobs.c.id).where(_due(open_queues), *others)
+                    .order_by(jobs.c.priority.desc(), jobs.c.id).limit(limit),
+                    skip_locked=True,
+                )
+            else:  # the usual claim: the same statement every time
+                due = _due_ids(tuple(open_queues), limit, self.locks_rows)
+            ids = conn.execute(due).scalars().all()
             if not ids:
                 return []
-            conn.execute(
-                update(jobs)
-                .where(jobs.c.id.in_(ids))
-                .values(
-                    state="processing",
-                    server_id=server_id,
-                    lease=jobs.c.lease + 1,
-                    attempts=jobs.c.attempts + 1,
-                    started_at=db_now(),
-                    finished_at=None,
-                )
-            )
-            rows = conn.execute(
-                select(jobs).where(jobs.c.id.in_(ids)).order_by(jobs.c.priority.desc(), jobs.c.id)
-            ).all()
+            conn.execute(_CLAIM_UPDATE, {"ids": ids, "claimer": server_id})
+            rows = conn.execute(_CLAIMED_ROWS, {"ids": ids}).all()
             claimed = [Job.from_row(row) for row in rows]
             self._record(
                 conn,
@@ -706,9 +695,7 @@ class Storage:
     def _unpaused(self, conn, queues) -> list[str]:
         """Of `queues`, those not paused."""
         wanted = list(queues)
-        paused = set(conn.execute(
-            select(queue_settings.c.name).where(queue_settings.c.name.in_(wanted), queue_settings.c.paused)
-        ).scalars())
+        paused = set(conn.execute(_PAUSED_OF, {"names": wanted}).scalars())
         return [name for name in wanted if name not in paused]
 
     # pausing queues ------------------------------------------------------------
@@ -776,12 +763,7 @@ class Storage:
         and clear its checkpoint. False (and a `stale_write` event) when the
         lease no longer matches."""
         with self._write() as conn:
-            done = conn.execute(
-                update(jobs)
-                .where(self._fenced(job_id, lease))
-                .values(state="succeeded", finished_at=db_now(), error=None, checkpoint=None, result=result,
-                        unique_active=None)
-            )
+            done = conn.execute(_COMPLETE, {"fenced_id": job_id, "fenced_lease": lease, "outcome": result})
             if done.rowcount != 1:
                 self._refuse_stale(conn, job_id, lease, server_id, "success")
                 return False
@@ -1297,6 +1279,48 @@ def _with_server_name(table):
     return select(table, servers.c.name.label("server_name")).select_from(
         table.outerjoin(servers, servers.c.id == table.c.server_id)
     )
+
+
+_INSERT_EVENTS = insert(events).values(at=db_now())
+_COMPLETE = (
+    update(jobs)
+    .where(jobs.c.id == bindparam("fenced_id"), jobs.c.lease == bindparam("fenced_lease"), jobs.c.state == "processing")
+    .values(state="succeeded", finished_at=db_now(), error=None, checkpoint=None, result=bindparam("outcome"),
+            unique_active=None)
+)
+# The hot verbs' statements (claim, complete), built once: building a statement costs more CPU
+# than SQLAlchemy's cached compilation of it, and the claim runs once per job.
+_PAUSED_OF = select(queue_settings.c.name).where(
+    queue_settings.c.name.in_(bindparam("names", expanding=True)), queue_settings.c.paused
+)
+_CLAIM_UPDATE = (
+    update(jobs)
+    .where(jobs.c.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        state="processing",
+        server_id=bindparam("claimer"),
+        lease=jobs.c.lease + 1,
+        attempts=jobs.c.attempts + 1,
+        started_at=db_now(),
+        finished_at=None,
+    )
+)
+_CLAIMED_ROWS = (
+    select(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True))).order_by(jobs.c.priority.desc(), jobs.c.id)
+)
+
+
+@functools.lru_cache(maxsize=2)
+def _claiming_server(locks_rows: bool):
+    query = select(servers.c.state, servers.c.quiet).where(servers.c.id == bindparam("server_id"))
+    return query.with_for_update(read=True) if locks_rows else query
+
+
+@functools.lru_cache(maxsize=64)
+def _due_ids(queues: tuple[str, ...], limit: int, locks_rows: bool):
+    """The ids a claim takes (without a release's extra conditions)."""
+    query = select(jobs.c.id).where(_due(queues)).order_by(jobs.c.priority.desc(), jobs.c.id).limit(limit)
+    return query.with_for_update(skip_locked=True) if locks_rows else query
 
 
 def _due(queues):

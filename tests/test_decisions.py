@@ -11,6 +11,7 @@ import pytest
 from supervisor.children import RunningJob
 from supervisor.config import Config, JobsConfig, ServerConfig, ShutdownConfig
 from supervisor.errors import StorageUnavailable
+from supervisor.jobprocess import reason_to_retire
 from supervisor.loop import Supervisor, describe_outcome
 from supervisor.records import Job
 from supervisor.shutdown import HOLD_MARGIN_S, shut_down
@@ -73,6 +74,38 @@ def test_an_outcome_the_run_recorded_itself_stands_whatever_else_is_known():
     child = run(messages=[ended(0) | {"recorded": "succeeded", "outcome": "succeeded"}], kill_reason="memory")
     assert child.recorded() == ("succeeded", None, "succeeded")
     assert run(messages=[ended(0)]).recorded() is None
+
+
+# --- reusing job processes (jobs.reuse_processes) -------------------------------------
+
+CLEAN = dict(alive=True, stopped=False, in_time=True, doubtful=False, jobs_run=1, max_jobs=1000,
+             memory=100 * 2**20, max_memory=512 * 2**20, strays=False)
+
+
+@pytest.mark.parametrize("change, retired", [
+    ({}, None),  # a clean end: the next job runs in the same process
+    ({"max_memory": None, "memory": 2**40}, None),  # no memory limit
+    ({"alive": False}, "died"),
+    ({"stopped": True}, "stopped"),  # a stop notice or a timeout: it may be cut short mid-way
+    ({"in_time": False}, "deadline"),
+    ({"doubtful": True}, "threads"),
+    ({"strays": True}, "processes"),
+    ({"jobs_run": 1000}, "max_jobs_per_process"),
+    ({"memory": 513 * 2**20}, "max_memory_per_process"),
+], ids=lambda value: None)
+def test_when_a_slot_retires_its_job_process(change, retired):
+    reason = reason_to_retire(**(CLEAN | change))
+    assert (reason is None) if retired is None else (retired in reason)
+
+
+def test_a_slot_takes_the_next_job_only_when_it_said_so_and_was_not_killed():
+    said_next = [ended(0) | {"next": True}]
+    assert run(messages=said_next, slot=True).ended_in_slot()
+    assert not run(messages=said_next).ended_in_slot()  # a fresh child: its exit ends the job
+    assert not run(messages=said_next, slot=True).idle_slot().retiring
+    assert run(messages=[ended(0) | {"next": False}], slot=True).idle_slot().retiring
+    for killed in ({"kill_reason": "memory"}, {"lease_lost": True}, {"timed_out": "timed out after 1s"}):
+        assert run(messages=said_next, slot=True, **killed).idle_slot().retiring
 
 
 def test_log_lines_say_what_happened_why_and_what_next():

@@ -24,8 +24,8 @@ def queue(db_url):
         yield q
 
 
-def start(supervisors, db_url, queue, name):
-    sup = supervisors(db_url, name, server=SERVER, jobs=JOBS)
+def start(supervisors, db_url, queue, name, **jobs):
+    sup = supervisors(db_url, name, server=SERVER, jobs={**JOBS, **jobs})
     return sup, sup.wait_registered(queue)
 
 
@@ -69,16 +69,18 @@ def test_a_job_finished_while_its_supervisor_is_frozen_completes_once(
     assert [e.server for e in done.events if e.kind == "succeeded"] == [blue_server.id]
 
 
-def test_a_supervisor_killed_after_its_job_returned_causes_no_rerun(queue, db_url, supervisors, records):
-    blue, blue_server = start(supervisors, db_url, queue, "blue")
+@pytest.mark.parametrize("reuse", [False, True], ids=["fresh", "reused"])
+def test_a_supervisor_killed_after_its_job_returned_causes_no_rerun(queue, db_url, supervisors, records, reuse):
+    blue, blue_server = start(supervisors, db_url, queue, "blue", reuse_processes=reuse)
     job = queue.enqueue("oncejobs:work", [str(records), 0.3])
     wait_for(lambda: lines(records, job.id, "started"), what="the job to start on blue")
     # Frozen, blue cannot record anything: the job's process must.
     freeze(blue, db_url, blue_server.id, job.id)
     (job_pid,) = map(int, lines(records, job.id, "started"))
     wait_for(lambda: lines(records, job.id, "completed"), what="the job to return")
-    wait_for(lambda: not psutil.pid_exists(job_pid) or psutil.Process(job_pid).status() == psutil.STATUS_ZOMBIE,
-             what="the job's process to exit")
+    if not reuse:  # a reused job process stays for the next job: blue dies the moment the job returned
+        wait_for(lambda: not psutil.pid_exists(job_pid) or psutil.Process(job_pid).status() == psutil.STATUS_ZOMBIE,
+                 what="the job's process to exit")
     blue.send(signal.SIGKILL)
     blue.wait()
 

@@ -35,6 +35,7 @@ class RunningJob:
     timed_out: str | None = None  # "timed out after 30m", once its timeout passed
     kill_at: float | None = None  # when a timed-out run's tree gets SIGKILL
     slot: bool = False  # the child may stay for another job (jobs.reuse_processes)
+    handed: bool = False  # given to an idle slot, which says "took" once it has it
     _buffer: bytes = b""
 
     def tell(self, line: str) -> None:
@@ -144,6 +145,10 @@ class RunningJob:
             return "handoff", f"its child stopped it: {fenced.get('reason')}"
         if self.kill_reason:
             return "failed", self.kill_reason
+        if self.handed and self._message("took") is None:
+            # The slot ended (its job process had died while it was idle)
+            # before it read the job: this run never began.
+            return "handoff", "its reused process ended before it took the job"
         result = self._message("result")
         ended = self._message("exit")
         if result:
@@ -180,7 +185,7 @@ class IdleSlot:
             self.dismiss(kill=written > 0)  # half a line must never be read as a job
             return None
         return RunningJob(job=job, pid=self.pid, lifeline=self.lifeline, results=self.results, started=started,
-                          slot=True)
+                          slot=True, handed=True)
 
     def dismiss(self, kill: bool = False) -> None:
         """Let it go: at its lifeline's EOF it kills its job process and

@@ -294,6 +294,7 @@ class Child:
                 return False  # EOF: the job process is gone
         line, self.next_job = self.next_job, None
         job, server_id, self.deadline = decode_next_job(line)
+        send(self.results, event="took", job=job.id)  # from here on, what happens is this job's
         self.assignment = replace(self.assignment, job=job, server_id=server_id)
         self.stop_noticed, self.timed_out, self.outcome_data = False, None, b""
         set_title(f"shiftchange: child of job {job.id}")

@@ -108,6 +108,15 @@ def test_a_slot_takes_the_next_job_only_when_it_said_so_and_was_not_killed():
         assert run(messages=said_next, slot=True, **killed).idle_slot().retiring
 
 
+def test_a_job_handed_to_a_slot_that_ended_before_taking_it_is_given_back_not_failed():
+    """The slot's job process died while it was idle, and the supervisor
+    handed it a job before it saw the slot go: that run never began."""
+    assert run(messages=[], slot=True, handed=True, status=0).outcome()[0] == "handoff"
+    took = [{"event": "took", "job": 1}]
+    assert run(messages=took, slot=True, handed=True, status=9).outcome()[0] == "failed"
+    assert run(messages=[], slot=True, status=9).outcome()[0] == "failed"  # a fresh child's own job
+
+
 def test_log_lines_say_what_happened_why_and_what_next():
     job = a_job(attempts=2, max_attempts=3)
     assert describe_outcome(job, "succeeded", "succeeded", None) == "succeeded"

@@ -16,8 +16,9 @@ job's code, as its own side saw it: the run judges "ran twice" by them, not
 by the queue's events. A run killed by a signal writes no "end". So that two runs alive at once are
 caught even then, each run checks at its start, under a lock on that file,
 that no process recorded by an earlier run of the same job is still alive
-(same pid AND same start time, so a recycled pid is not mistaken for it);
-if one is, it appends a line to `<records>/overlaps`.
+(same pid AND same start time, so a recycled pid is not mistaken for it;
+a run that recorded its end is over even if its process lives on, reused
+for other jobs); if one is, it appends a line to `<records>/overlaps`.
 """
 
 import fcntl
@@ -89,7 +90,7 @@ def recorded_run(records: str):
     me = os.getpid()
     with _locked(path) as f:
         earlier = [json.loads(line) for line in f.read().splitlines() if line.startswith("{")]
-        alive = [r["pid"] for r in earlier if "ct" in r and _identity(r["pid"]) == r["ct"]]
+        alive = [pid for pid, ct in _unended(earlier) if _identity(pid) == ct]
         if alive:
             _append(Path(records) / "overlaps",
                     {"job": job.id, "pid": me, "t": clock(), "alive": alive})
@@ -103,6 +104,20 @@ def recorded_run(records: str):
         _append(path, {**end, "t": clock(), "how": "raised", "completed": isinstance(exc, DesignedFailure)})
         raise
     _append(path, {**end, "t": clock(), "how": "returned", "completed": True})
+
+
+def _unended(records: list[dict]) -> list[tuple[int, float]]:
+    """(pid, start time) of the processes of earlier runs that may still run
+    the job: a run's process until it recorded its end (a reused process
+    lives on to run other jobs, or this one again, after that), and every
+    process a run started."""
+    unended = []
+    for record in records:
+        if record.get("ev") == "end":
+            unended = [(pid, ct) for pid, ct in unended if pid != record["pid"]]
+        elif "ct" in record:
+            unended.append((record["pid"], record["ct"]))
+    return unended
 
 
 def _supervisor_pid() -> int | None:

@@ -559,7 +559,7 @@ def reason_to_retire(*, alive: bool, stopped: bool, in_time: bool, doubtful: boo
     if not in_time:
         return "its deadline passed (the supervisor stopped renewing it)"
     if doubtful:
-        return "the job left threads running"
+        return "the job left threads running or closed or redirected stdout or stderr"
     if strays:
         return "the job left processes running"
     if jobs_run >= max_jobs:
@@ -622,12 +622,14 @@ def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, clo
         return storage[0]
 
     threading.Thread(target=_watch_stop_notices, args=(stop_notices,), daemon=True).start()
-    threads = threading.active_count()
+    threads, stdio = threading.active_count(), _stdio()
     jobs = os.fdopen(next_jobs, "rb") if next_jobs is not None else None
     while True:
         outcome, error, result = _run_job(assignment, kept_storage)
         # A job that left threads running shares them with the next one: no.
-        doubtful = threading.active_count() > threads
+        # Nor one that closed or redirected stdout or stderr (the next job's
+        # output and tracebacks would be lost).
+        doubtful = threading.active_count() > threads or _stdio() != stdio
         # First to the child, which records it: from this moment a dying or
         # late supervisor no longer turns the finished run into a rerun.
         send(outcome_fd, outcome=outcome, error=error, result=result, doubtful=doubtful)
@@ -637,6 +639,18 @@ def run_callable(assignment: Assignment, stop_notices: int, outcome_fd: int, clo
             os._exit(0)
         job, server_id, _ = decode_next_job(line)
         assignment = replace(assignment, job=job, server_id=server_id)
+
+
+def _stdio() -> tuple:
+    """What stdout and stderr are (device and inode; None when closed)."""
+    def identity(fd):
+        try:
+            found = os.fstat(fd)
+        except OSError:
+            return None
+        return found.st_dev, found.st_ino
+
+    return identity(1), identity(2)
 
 
 def _run_job(assignment: Assignment, open_storage_of_run) -> tuple[str, str | None, str | None]:

@@ -11,7 +11,7 @@ import sys
 import psutil
 import pytest
 
-from harness import read_lines, runs, wait_for
+from harness import freeze, read_lines, runs, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ def test_shiftchange_handoff_requeues_the_jobs_and_stops_the_supervisor(queue, e
     wait_for(lambda: runs(records, job.id), what="the job to start")
     sup.remember_tree()
     if frozen:
-        sup.proc.send_signal(signal.SIGSTOP)
+        freeze(sup, e2e_db_url, server.id, job.id)  # between transactions, or SQLite's lock would be its
 
     done = handoff(sup, "--server", "web-1", "--timeout", "3", "--json")
     assert done.returncode == 0, done.stderr

@@ -8,7 +8,7 @@ import signal
 import psutil
 import pytest
 
-from harness import events_of, read_lines, runs, wait_for
+from harness import events_of, freeze, read_lines, runs, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -93,7 +93,7 @@ def test_a_frozen_supervisor_is_reaped_its_children_fence_themselves_and_it_reco
     job = queue.enqueue("scjobs:spin", [str(records)])
     wait_for(lambda: runs(records, job.id), what="the job to start")
     (child_pid,) = [int(p) for p in runs(records, job.id)]
-    frozen.send(signal.SIGSTOP)
+    freeze(frozen, e2e_db_url, frozen_server.id, job.id)  # between transactions: SQLite's lock stays free
     survivor = supervisors(e2e_db_url, "survivor")
     survivor_server = survivor.wait_registered(queue)
 

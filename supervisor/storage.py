@@ -48,7 +48,7 @@ from supervisor.tables import (
     recurring_ticks,
     servers,
 )
-from supervisor.wakeup import WAKE_CHANNEL, Candidate, pick_targets, server_channel
+from supervisor.wakeup import WAKE_CHANNEL, Candidate, pick_targets, server_channel, wakes_everyone
 
 MAX_ERROR_CHARS = 64_000
 LIVE_SERVER_STATES = ("running", "stopping")
@@ -228,9 +228,11 @@ class Storage:
         NOTIFY, delivered at commit); elsewhere they find out by polling.
         With `wanted` ({queue: jobs}), only a few idle servers serving
         those queues are woken (see wakeup.pick_targets); else all."""
-        if not self.notifies:
-            return
-        targets = None if wanted is None else pick_targets(self._wake_candidates(conn), wanted)
+        if not self.notifies or wanted == {}:
+            return  # nothing claimable yet (only scheduled jobs): nobody to wake
+        targeted = wanted is not None and not wakes_everyone(wanted)
+        # The servers are read only when a few of them are to be picked.
+        targets = pick_targets(self._wake_candidates(conn), wanted) if targeted else None
         if targets is None:
             conn.execute(text(f"NOTIFY {WAKE_CHANNEL}"))
         for server_id in targets or ():
@@ -502,7 +504,7 @@ class Storage:
                 done.append((name, tick, job_id))
                 made.append(spec)
             if made:
-                self._wake(conn, _claimable_now(made, [Enqueued(0)] * len(made)))
+                self._wake(conn, _claimable_now(made))
         return done
 
     def _insert_tick(self, conn, name: str, tick: float, server_id: str | None) -> bool:
@@ -1263,12 +1265,12 @@ class Storage:
                 return removed
 
 
-def _claimable_now(specs, done: list[Enqueued]) -> dict[str, int]:
+def _claimable_now(specs, done: list[Enqueued] | None = None) -> dict[str, int]:
     """{queue: jobs} that an enqueue made claimable at once (not scheduled
-    for later, not already there under their unique key)."""
+    for later, not already there under their unique key: `done` says)."""
     wanted: dict[str, int] = {}
-    for spec, enqueued in zip(specs, done):
-        if not enqueued.existed and spec.run_at is None and spec.delay <= 0:
+    for spec, enqueued in zip(specs, done or [Enqueued(0)] * len(specs)):
+        if not enqueued.existed and not _later(spec):
             wanted[spec.queue] = wanted.get(spec.queue, 0) + 1
     return wanted
 

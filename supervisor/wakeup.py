@@ -62,6 +62,11 @@ def _listens_on_own_channel(version: str | None) -> bool:
         return False
 
 
+def wakes_everyone(wanted: dict[str, int]) -> bool:
+    """Too many jobs for a few servers: notify the shared channel."""
+    return sum(wanted.values()) > TARGETED_WAKE_MAX
+
+
 def pick_targets(candidates: list[Candidate], wanted: dict[str, int], rng=random) -> list[str] | None:
     """Which servers to notify for `wanted` ({queue: jobs made claimable}):
     for each queue, one more idle server than jobs, at random among those
@@ -69,7 +74,7 @@ def pick_targets(candidates: list[Candidate], wanted: dict[str, int], rng=random
     serving one of these queues listens only on the shared channel (an
     older version). An empty list: no server is idle, so none needs waking
     (each claims when a slot of its own frees)."""
-    if sum(wanted.values()) > TARGETED_WAKE_MAX:
+    if wakes_everyone(wanted):
         return None
     chosen: list[str] = []
     for queue, count in wanted.items():

@@ -6,10 +6,9 @@ completions are counted from files the jobs append to."""
 
 import signal
 
-import psutil
 import pytest
 
-from harness import freeze, read_lines, wait_for
+from harness import alive, freeze, read_lines, wait_for
 from supervisor import Queue
 
 pytestmark = pytest.mark.slow
@@ -79,8 +78,7 @@ def test_a_supervisor_killed_after_its_job_returned_causes_no_rerun(queue, db_ur
     (job_pid,) = map(int, lines(records, job.id, "started"))
     wait_for(lambda: lines(records, job.id, "completed"), what="the job to return")
     if not reuse:  # a reused job process stays for the next job: blue dies the moment the job returned
-        wait_for(lambda: not psutil.pid_exists(job_pid) or psutil.Process(job_pid).status() == psutil.STATUS_ZOMBIE,
-                 what="the job's process to exit")
+        wait_for(lambda: not alive(job_pid), what="the job's process to exit")
     blue.send(signal.SIGKILL)
     blue.wait()
 

@@ -8,8 +8,10 @@ SHIFTCHANGE_REQUIRE_ALL_DATABASES=1 (as in CI): a database test that
 silently skips is a test that does not exist.
 """
 
+import fcntl
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,28 @@ def _create_session_database(kind: str) -> str:
     _admin(BASE_URLS[kind], f"DROP DATABASE IF EXISTS {SESSION_DB}")
     _admin(BASE_URLS[kind], f"CREATE DATABASE {SESSION_DB}")
     return base.set(database=SESSION_DB).render_as_string(hide_password=False)
+
+
+# Tests run in parallel (pytest-xdist), each worker in databases of its own,
+# but on one PostgreSQL and one MariaDB server. A test that stops or restarts
+# a server (marked `exclusive`) runs alone: it takes this lock exclusively,
+# every other test shares it. Readers pass a turnstile first, so a waiting
+# exclusive test is not starved by a stream of shared ones. The path is fixed
+# so that two test runs on one machine respect each other too.
+_SERVER_LOCK = Path(tempfile.gettempdir()) / "shiftchange-tests-database-servers.lock"
+
+
+@pytest.fixture(autouse=True)
+def _database_servers(request):
+    exclusive = request.node.get_closest_marker("exclusive") is not None
+    with open(_SERVER_LOCK, "a") as lock, open(f"{_SERVER_LOCK}.turnstile", "a") as turnstile:
+        fcntl.flock(turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            if not exclusive:
+                fcntl.flock(turnstile, fcntl.LOCK_UN)
+        yield  # both locks are released when their files close
 
 
 def pytest_sessionfinish(session):

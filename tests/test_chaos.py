@@ -48,6 +48,7 @@ def chaos(*args: str, timeout: float) -> dict:
     return report
 
 
+@pytest.mark.exclusive  # it restarts PostgreSQL
 @pytest.mark.timeout(240)
 def test_chaos_on_postgresql_keeps_every_invariant():
     postgres_or_skip()

@@ -604,31 +604,27 @@ class Storage:
         the claim is exactly what it was before releases existed."""
         if probe and not self.locks_rows and not self._anything_due(queues, release):
             return []
+        queues = tuple(queues)
         with self._write() as conn:
             server = conn.execute(_claiming_server(self.locks_rows), {"server_id": server_id}).first()
             if server is None or server.state != "running" or server.quiet:
                 return []
-            # A paused queue's jobs stay enqueued. The paused set is read in
+            # A paused queue's jobs stay enqueued (_due reads the pause in
             # this claiming transaction, so every server honours a pause
-            # from its commit on, with nothing to restart or notify.
-            open_queues = self._unpaused(conn, queues)
-            if not open_queues:
-                return []
-            others = self._left_to_others(conn, release, open_queues)
+            # from its commit on, with nothing to restart or notify).
+            others = self._left_to_others(conn, release, queues)
             if others:
                 due = self._for_update(
-                    select(jobs.c.id).where(_due(open_queues), *others)
+                    select(jobs.c.id).where(_due(queues), *others)
                     .order_by(jobs.c.priority.desc(), jobs.c.id).limit(limit),
                     skip_locked=True,
                 )
             else:  # the usual claim: the same statement every time
-                due = _due_ids(tuple(open_queues), limit, self.locks_rows)
+                due = _due_ids(queues, limit, self.locks_rows)
             ids = conn.execute(due).scalars().all()
             if not ids:
                 return []
-            conn.execute(_CLAIM_UPDATE, {"ids": ids, "claimer": server_id})
-            rows = conn.execute(_CLAIMED_ROWS, {"ids": ids}).all()
-            claimed = [Job.from_row(row) for row in rows]
+            claimed = self._take(conn, ids, server_id)
             self._record(
                 conn,
                 [
@@ -639,6 +635,20 @@ class Storage:
             )
             return claimed
 
+    def _take(self, conn, ids: list[int], server_id: str) -> list[Job]:
+        """Mark the (locked) jobs `ids` processing for `server_id`, with a
+        new lease and one more attempt; their rows, highest priority then
+        oldest first. One statement where the database has UPDATE ...
+        RETURNING (PostgreSQL, SQLite), two on MariaDB."""
+        values = {"ids": ids, "claimer": server_id}
+        if self.engine.dialect.update_returning:
+            rows = conn.execute(_CLAIM_UPDATE_RETURNING, values).all()
+            rows.sort(key=lambda row: (-row.priority, row.id))
+        else:
+            conn.execute(_CLAIM_UPDATE, values)
+            rows = conn.execute(_CLAIMED_ROWS, values).all()
+        return [Job.from_row(row) for row in rows]
+
     def due_in(self, queues) -> float | None:
         """An idle server's poll: one read of the claim index's `enqueued`
         slice. Seconds until the first enqueued job of `queues` (not
@@ -646,19 +656,17 @@ class Storage:
         is due now (claim), more when the first is held (a handoff's or an
         operator's requeue hold, which no NOTIFY announces when it ends),
         None when there is none."""
-        paused = exists().where(queue_settings.c.name == jobs.c.queue, queue_settings.c.paused)
         with self._read() as conn:
             first, now = conn.execute(  # one statement: a poll is one round trip
                 select(func.min(jobs.c.run_at), db_now())
-                .where(jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), ~paused)
+                .where(jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), ~_PAUSED)
             ).one()
             return None if first is None else first - now
 
     def _anything_due(self, queues, release: str | None = None) -> bool:
         with self._read() as conn:
-            open_queues = self._unpaused(conn, queues)
-            return bool(open_queues) and conn.execute(
-                select(jobs.c.id).where(_due(open_queues), *self._left_to_others(conn, release, open_queues)).limit(1)
+            return conn.execute(
+                select(jobs.c.id).where(_due(queues), *self._left_to_others(conn, release, queues)).limit(1)
             ).first() is not None
 
     def _left_to_others(self, conn, release: str | None, queues) -> list:
@@ -693,12 +701,6 @@ class Storage:
                 jobs.c.queue.not_in(covered),
             )
         ]
-
-    def _unpaused(self, conn, queues) -> list[str]:
-        """Of `queues`, those not paused."""
-        wanted = list(queues)
-        paused = set(conn.execute(_PAUSED_OF, {"names": wanted}).scalars())
-        return [name for name in wanted if name not in paused]
 
     # pausing queues ------------------------------------------------------------
 
@@ -1292,9 +1294,6 @@ _COMPLETE = (
 )
 # The hot verbs' statements (claim, complete), built once: building a statement costs more CPU
 # than SQLAlchemy's cached compilation of it, and the claim runs once per job.
-_PAUSED_OF = select(queue_settings.c.name).where(
-    queue_settings.c.name.in_(bindparam("names", expanding=True)), queue_settings.c.paused
-)
 _CLAIM_UPDATE = (
     update(jobs)
     .where(jobs.c.id.in_(bindparam("ids", expanding=True)))
@@ -1307,6 +1306,7 @@ _CLAIM_UPDATE = (
         finished_at=None,
     )
 )
+_CLAIM_UPDATE_RETURNING = _CLAIM_UPDATE.returning(*jobs.c)
 _CLAIMED_ROWS = (
     select(jobs).where(jobs.c.id.in_(bindparam("ids", expanding=True))).order_by(jobs.c.priority.desc(), jobs.c.id)
 )
@@ -1326,10 +1326,15 @@ def _due_ids(queues: tuple[str, ...], limit: int, locks_rows: bool):
 
 
 def _due(queues):
-    """The jobs a claim may take from `queues` now: one condition for the
-    claim and for the idle probe, so the two never disagree. The claim index
-    serves it."""
-    return and_(jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), jobs.c.run_at <= db_now())
+    """The jobs a claim may take from `queues` now (not those of a paused
+    queue): one condition for the claim and for the idle probe, so the two
+    never disagree. The claim index serves it."""
+    return and_(jobs.c.state == "enqueued", jobs.c.queue.in_(list(queues)), jobs.c.run_at <= db_now(), ~_PAUSED)
+
+
+# The job's queue is paused (a correlated NOT EXISTS: one statement, and the
+# pause is read in the claim's own transaction).
+_PAUSED = exists().where(queue_settings.c.name == jobs.c.queue, queue_settings.c.paused)
 
 
 def _summary(text: str) -> str:

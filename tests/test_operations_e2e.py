@@ -37,7 +37,9 @@ def test_shiftchange_handoff_requeues_the_jobs_and_stops_the_supervisor(queue, e
 
     done = handoff(sup, "--server", "web-1", "--timeout", "3", "--json")
     assert done.returncode == 0, done.stderr
-    (report,) = json.loads(done.stdout)
+    reports = json.loads(done.stdout)
+    assert len(reports) == 1, f"{reports}; servers: {queue.servers()}\n{sup.log()}"
+    (report,) = reports
     assert (report["id"], report["jobs"]) == (server.id, [job.id])
     assert sup.proc.poll() is not None and sup.survivors() == []
     handed = queue.get(job.id)

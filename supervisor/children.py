@@ -9,7 +9,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from supervisor.jobprocess import Assignment, command_outcome, encode_next_job, run_child
+from supervisor.jobprocess import Assignment, command_outcome, decode_next_job, encode_next_job, run_child
 from supervisor.processes import describe_status, signal_group
 from supervisor.records import Job
 
@@ -36,6 +36,7 @@ class RunningJob:
     kill_at: float | None = None  # when a timed-out run's tree gets SIGKILL
     slot: bool = False  # the child may stay for another job (jobs.reuse_processes)
     handed: bool = False  # given to an idle slot, which says "took" once it has it
+    given_back: str | None = None  # claimed by its slot, which was stopped before it could run it
     _buffer: bytes = b""
 
     def tell(self, line: str) -> None:
@@ -79,6 +80,24 @@ class RunningJob:
         without the child exiting."""
         return self.slot and self._message("exit") is not None
 
+    def chained(self) -> tuple[Job, str | None] | None:
+        """The job its slot claimed with this job's outcome (see
+        jobprocess.Child._claim_next), and why the slot does not run it
+        when the allow-list refuses its target; None when it claimed none."""
+        ended = self._message("exit") or {}
+        if not ended.get("chained"):
+            return None
+        job, _, _ = decode_next_job(ended["chained"].encode())
+        return job, ended.get("refused")
+
+    def successor(self, job: Job, started: float) -> "RunningJob":
+        """The run of `job` in this slot after this one: what the child
+        said after this job's `exit` is the next job's."""
+        ended = next(i for i, m in enumerate(self.messages) if isinstance(m, dict) and m.get("event") == "exit")
+        later, self.messages = self.messages[ended + 1:], self.messages[:ended + 1]
+        return RunningJob(job=job, pid=self.pid, lifeline=self.lifeline, results=self.results, started=started,
+                          messages=later, slot=True, handed=True, _buffer=self._buffer)
+
     def idle_slot(self) -> "IdleSlot":
         """What is left of this child once its job ended in it: a slot that
         takes the next job, or one that is retiring (it exits by itself)."""
@@ -109,6 +128,11 @@ class RunningJob:
                 return message.get("outcome"), message.get("error"), message["recorded"]
         return None
 
+    def claim_in_doubt(self) -> bool:
+        """The child gave up on an outcome write that would also claim its
+        next job (and may still commit: see Supervisor._record)."""
+        return bool((self._message("result") or {}).get("claimed"))
+
     def result(self) -> str | None:
         """The run's result (JSON text) as the child relayed it: what a
         callable returned, or a command's exit code and last output lines."""
@@ -129,6 +153,8 @@ class RunningJob:
         outcomes), the loop was just late renewing it, so our server may
         still hold the lease and nobody else would requeue the job. The give
         back is fenced by the lease, and the child reaped the job's tree."""
+        if self.given_back:
+            return "handoff", self.given_back  # stopped for the run before it: an interruption, not an attempt
         kind, error = self._outcome()
         ended = self._message("exit")
         if self.timed_out and kind in ("failed", "handoff"):

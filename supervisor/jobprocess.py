@@ -18,9 +18,14 @@ so that it can always do its three duties, whatever the job's code is doing:
   run into a rerun.
 
 With `jobs.reuse_processes`, the child of a callable job is a *slot*: once
-its job's outcome is recorded it stays, and so does its job process, and the
-supervisor hands it the next callable job on the lifeline (`J` line), so a
-short job costs no fork. A slot keeps all three duties for each job; it
+its job's outcome is recorded it stays, and so does its job process, and
+runs the next callable job, so a short job costs no fork. It claims that
+job itself, for its server, in the transaction that records the outcome
+(storage.ClaimNext: one commit per job instead of two, and no round trip
+through the supervisor), while the supervisor lets it (`C1`/`C0` lines:
+not while it drains or stops) and its deadline is more than a heartbeat
+away; it tells the supervisor in its `exit` message. Otherwise the
+supervisor hands it the next job on the lifeline (`J` line). A slot keeps all three duties for each job; it
 retires (kills its whole tree and exits, like any child) after
 jobs.max_jobs_per_process jobs, when its job process holds more than
 jobs.max_memory_per_process, and after any run that leaves the process in
@@ -30,7 +35,8 @@ exactly as before.
 
 Messages to the supervisor are JSON lines on the results pipe.
 The lifeline carries `S` (stop notice), `T<reason>` (timeout), `R<deadline>`
-(renewal) and, to an idle slot, `J<next job>` lines.
+(renewal), `C0`/`C1` (a slot may not / may claim its next job) and, to an
+idle slot, `J<next job>` lines.
 """
 
 import asyncio
@@ -65,7 +71,8 @@ from supervisor.processes import (
     set_title,
 )
 from supervisor.records import Job
-from supervisor.targets import AllowList, extend_import_path, resolve_callable
+from supervisor.storage import ClaimNext
+from supervisor.targets import AllowList, TargetRefused, extend_import_path, resolve_callable
 
 CHECKPOINT_FD = 3  # where a command job writes checkpoint lines
 HANDOFF_EXIT_CODE = 75  # EX_TEMPFAIL: a command's way of raising HandOff
@@ -97,6 +104,12 @@ class Assignment:
     max_jobs: int = 1  # jobs.max_jobs_per_process
     max_memory: int | None = None  # jobs.max_memory_per_process, bytes
     sqlite_synchronous: str = "full"  # database.sqlite_synchronous, for engines built here
+    # A slot claims its next job itself (see ClaimNext) for its server's
+    # queues and release, while its deadline is a heartbeat away or more.
+    chain: bool = False
+    queues: tuple[str, ...] = ()
+    release: str | None = None
+    heartbeat_interval: float = 1.0
 
 
 def encode_next_job(job: Job, server_id: str, deadline: float) -> bytes:
@@ -175,6 +188,8 @@ class Child:
         self.supervisor_gone = False
         self.retired = None  # why this slot's job process runs no more jobs
         self.unrecorded = False  # the last outcome could not be recorded here
+        self.chain_allowed = assignment.chain  # the supervisor's C0/C1
+        self.chained = None  # the job this slot claimed with its last outcome
 
     def run(self) -> int:
         # Leader of its own process group, but in the supervisor's session:
@@ -245,14 +260,28 @@ class Child:
         else:
             how = describe_status(status) if status is not None else "killed after its code had ended"
         code = os.waitstatus_to_exitcode(status) if status is not None else None
-        said = self._record_outcome(how, code)
+        said = self._record_outcome(how, code, chain=keep)
         if keep and self.unrecorded:
             keep, self.retired = False, "its job's outcome could not be recorded here"
         if self.assignment.job.kind == "command":
             said.setdefault("result", self._command_result(code))  # for the supervisor to record
+        if self.chained is not None:
+            said["chained"] = encode_next_job(self.chained, self.assignment.server_id, self.deadline).decode()
+            refused = self._refusal(self.chained)
+            if refused:  # claimed, but not for this slot to run: the supervisor records the refusal
+                said["refused"], self.chained = refused, None
         send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed, next=keep,
              retired=self.retired, **said)
         return keep
+
+    def _refusal(self, job: Job) -> str | None:
+        """Why the allow-list refuses a claimed job's target (the supervisor's
+        check before it starts a job, made here for a job this slot claimed)."""
+        try:
+            self.assignment.allow.check_callable(job.target)
+        except TargetRefused as exc:
+            return str(exc)
+        return None
 
     def _keeps_job_process(self) -> bool:
         """May the job process run another job? See reason_to_retire."""
@@ -278,7 +307,11 @@ class Child:
     def _take_next_job(self) -> bool:
         """Wait, idle, for the supervisor's next job and pass it to the job
         process. False when there will be none: the supervisor closed the
-        lifeline (it is gone, or stopping), or the job process died."""
+        lifeline (it is gone, or stopping), or the job process died. A job
+        this slot claimed itself needs no wait."""
+        if self.chained is not None:
+            self.next_job = encode_next_job(self.chained, self.assignment.server_id, self.deadline)
+            self.chained = None
         while self.next_job is None:
             try:
                 ready, _, _ = select.select([self.lifeline, self.wakeup, self.outcome_r], [], [])
@@ -304,13 +337,15 @@ class Child:
             return False
         return True
 
-    def _record_outcome(self, how: str, code: int | None) -> dict:
+    def _record_outcome(self, how: str, code: int | None, chain: bool = False) -> dict:
         """Record how the run ended, from here (see outcomes.py): what a
         callable's job process said when its code ended, or a command's exit
         (by itself, or by the SIGTERM of our stop notice). A command's death
         by any other signal is left to the supervisor: only it knows whether
         it killed the job for its memory or a lost lease, or whether its
-        server is stopping. Returns what the exit message adds."""
+        server is stopping. With `chain` (the slot keeps its job process),
+        the same transaction may claim the slot's next job (self.chained).
+        Returns what the exit message adds."""
         if self.assignment.job.kind == "command":
             if code < 0 and not (self.stop_noticed and code == -signal.SIGTERM):
                 return {}
@@ -324,16 +359,36 @@ class Child:
             kind, error, result = delivered
         if self.timed_out and kind in ("failed", "handoff"):
             kind, error = "failed", self.timed_out  # not a handoff: its time is up
+        claim = self._claim_next(kind) if chain else None
         recorded = record_finished_run(self._kept_storage, self.assignment.job, self.assignment.server_id,
-                                       kind, error, self.assignment.retry_backoff, result=result)
+                                       kind, error, self.assignment.retry_backoff, result=result,
+                                       then_claim=claim)
+        if recorded and claim is not None and claim.claimed:
+            self.chained = claim.claimed[0]
         if recorded:
             return {"outcome": kind, "error": error, "recorded": recorded}
         self.unrecorded = True  # a write may still be in flight on the kept connection
         if self.assignment.job.kind != "command":
             # Not recorded (the database did not answer): relay what the job's
-            # process said, for the supervisor to record.
-            send(self.results, event="result", outcome=kind, error=error, result=result)
+            # process said, for the supervisor to record; `claimed`: the
+            # write we gave up on would also claim our next job.
+            send(self.results, event="result", outcome=kind, error=error, result=result,
+                 claimed=claim is not None)
         return {}
+
+    def _claim_next(self, kind: str) -> ClaimNext | None:
+        """What this slot claims with its outcome, if it may claim: a
+        success or a failure (never a give back: it could take back its
+        own job), the supervisor allowing it (not draining nor stopping),
+        its deadline at least a heartbeat away (as for the supervisor's own
+        claims: a job started now must not be fenced before the next
+        renewal)."""
+        assignment = self.assignment
+        if (kind not in ("succeeded", "failed") or not self.chain_allowed
+                or clock() > self.deadline - assignment.heartbeat_interval):
+            return None
+        return ClaimNext(assignment.server_id, assignment.queues, assignment.release, callables_only=True,
+                         after=(assignment.job.id, assignment.job.lease))
 
     def _command_result(self, code: int | None) -> str:
         """A command's result: its exit code (negative: the signal that
@@ -470,6 +525,8 @@ class Child:
                 self.deadline = float(line[1:])
             elif line.startswith(b"J"):
                 self.next_job = line
+            elif line in (b"C0", b"C1"):
+                self.chain_allowed = line == b"C1"
         return True
 
     def _notice_stop(self):

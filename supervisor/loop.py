@@ -37,7 +37,7 @@ from supervisor.processes import (
 )
 from supervisor.records import Job
 from supervisor.recurring import EntryError, Schedule, entry_from_row, not_allowed
-from supervisor.storage import LIVE_SERVER_STATES, Storage
+from supervisor.storage import LIVE_SERVER_STATES, ClaimNext, Storage
 from supervisor.targets import AllowList, TargetRefused, job_import_path
 from supervisor.wakeup import Wakeups
 
@@ -74,6 +74,7 @@ class Supervisor:
         self.idle = True  # the last claim found nothing
         self.notified = False  # a NOTIFY came since the last claim
         self.dropping = False  # outcomes are not ours to record any more
+        self.claims_in_doubt: set[tuple[int, int]] = set()  # see _give_back_claims_of
         self.exit_requested = False
         self.draining = False  # shutdown step 2: the loop runs, claiming has stopped
         # outcomes to record: (job, kind, error, result JSON)
@@ -326,15 +327,17 @@ class Supervisor:
             else:
                 self.allow.check_callable(job.target)
         except TargetRefused as exc:
-            event("job %d (%s) refused: %s", job.id, job.target, exc, level=logging.WARNING,
-                  event="refused", job=job.id)
-            self.pending.append((job, "refused", str(exc), None))
-            self.record_pending()
+            self._refuse(job, str(exc))
             return
         child = self._handed_to_slot(job) or spawn(self._assignment(job), self.fence_deadline(), self.clock())
         self.running[child.pid] = child
         event("job %d (%s) claimed: attempt %d, lease %d, child pid %d", job.id, job.target,
               job.attempts, job.lease, child.pid, event="claimed", job=job.id, server=self.server_id)
+
+    def _refuse(self, job, why: str) -> None:
+        event("job %d (%s) refused: %s", job.id, job.target, why, level=logging.WARNING, event="refused", job=job.id)
+        self.pending.append((job, "refused", why, None))
+        self.record_pending()
 
     def _assignment(self, job) -> Assignment:
         jobs = self.config.jobs
@@ -342,7 +345,10 @@ class Supervisor:
                           retry_backoff=jobs.retry_backoff, engine=self.storage.engine,
                           import_path=self.import_path, reuse=jobs.reuse_processes and job.kind == "callable",
                           max_jobs=jobs.max_jobs_per_process, max_memory=jobs.max_memory_per_process,
-                          scheduling=jobs.scheduling, sqlite_synchronous=self.config.database.sqlite_synchronous)
+                          scheduling=jobs.scheduling, sqlite_synchronous=self.config.database.sqlite_synchronous,
+                          chain=jobs.reuse_processes and self.claiming, queues=tuple(self.config.server.queues),
+                          release=self.config.server.release,
+                          heartbeat_interval=self.config.server.heartbeat_interval)
 
     def _handed_to_slot(self, job) -> RunningJob | None:
         """Run a callable job in an idle slot, if there is one: no fork."""
@@ -381,12 +387,10 @@ class Supervisor:
         and may be PID 1 in a container)."""
         for child in list(self.running.values()):
             child.read()
-            if child.ended_in_slot():
+            while child is not None and child.ended_in_slot():
                 del self.running[child.pid]
-                slot = self.slots[child.pid] = child.idle_slot()
-                if slot.retiring:
-                    slot.dismiss()  # it may not know (a timeout's notice that crossed its end)
                 self._finish(child)
+                child = self._next_in_slot(child)
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -403,6 +407,36 @@ class Supervisor:
                 child.close()
                 self._finish(child)
 
+    def _next_in_slot(self, child: RunningJob) -> RunningJob | None:
+        """After a job ended in a slot: the run of the job the slot claimed
+        with its outcome, now running (returned, to read on: the slot may
+        have said more already); or the slot waits, idle, for a `J` line,
+        or retires."""
+        slot = child.idle_slot()
+        chained = child.chained()
+        if chained is not None:
+            job, refused = chained
+            successor = child.successor(job, self.clock())
+            if refused:  # the slot did not start it: the supervisor's refusal, as in _start_job
+                self._refuse(job, refused)
+            else:
+                self.running[child.pid] = successor
+                event("job %d (%s) claimed: attempt %d, lease %d, child pid %d (by its reused process, with "
+                      "the outcome of job %d)", job.id, job.target, job.attempts, job.lease, child.pid,
+                      child.job.id, event="claimed", job=job.id, server=self.server_id)
+                if not slot.retiring:
+                    return successor
+                # We stopped the run before (memory, lost lease, timeout) as
+                # the slot claimed this one: it goes with the slot.
+                successor.given_back = f"its reused process was stopped at the end of job {child.job.id}"
+                slot.dismiss()
+                successor.lifeline = -1  # closed with the slot's
+                return None
+        self.slots[child.pid] = slot
+        if slot.retiring:
+            slot.dismiss()  # it may not know (a timeout's notice that crossed its end)
+        return None
+
     def _finish(self, child: RunningJob) -> None:
         recorded = child.recorded()
         if recorded:  # durable already, written by the run's own side
@@ -418,6 +452,8 @@ class Supervisor:
                   why, event="dropped", job=child.job.id)
             return
         self.next_claim = self.clock()
+        if child.claim_in_doubt():
+            self.claims_in_doubt.add((child.job.id, child.job.lease))
         self.pending.append((child.job, kind, error, child.result()))
         self.record_pending()
 
@@ -438,6 +474,27 @@ class Supervisor:
         state = write_outcome(self.storage, job, self.server_id, kind, error, self.config.jobs.retry_backoff,
                               result)
         self._log_outcome(job, kind, error, state)
+        if (job.id, job.lease) in self.claims_in_doubt:
+            if state == "stale":
+                self._give_back_claims_of(job)
+            self.claims_in_doubt.discard((job.id, job.lease))
+
+    def _give_back_claims_of(self, job) -> None:
+        """Our write of a run's outcome was refused as stale, and the slot
+        had given up on its own write, which would also claim the slot's next
+        job: if that write committed after all, the job it claimed is ours
+        and runs nowhere (the slot runs only a claim it saw commit). Give it
+        back: requeued at once, an interruption, not an attempt."""
+        wanted = ClaimNext(self.server_id, (), after=(job.id, job.lease))
+        if self.storage.settled_claim(job.id, job.lease, self.server_id, wanted) is None:
+            return
+        for claimed in wanted.claimed:
+            state = self.storage.give_back(claimed.id, claimed.lease, self.server_id,
+                                           f"claimed with the outcome of job {job.id} by a reused process "
+                                           "that had given up on that write")
+            event("job %d (%s) given back (%s): its reused process claimed it with the outcome of job %d, "
+                  "in a write it had given up on", claimed.id, claimed.target, state, job.id,
+                  event="handed_off", job=claimed.id)
 
     def _log_outcome(self, job, kind: str, error: str | None, state: str, by: str = "") -> None:
         level = logging.INFO if state in ("succeeded", "enqueued") else logging.WARNING
@@ -571,6 +628,8 @@ class Supervisor:
     def stop_claiming(self) -> None:
         self.claiming = False
         self.dismiss_idle_slots()
+        for child in self.running.values():
+            child.tell("C0")  # nor may a slot claim its next job (one already in flight is run, or handed off)
 
     def ignore_outcomes(self) -> None:
         """From the handoff commit on, what the children do is not ours to record."""

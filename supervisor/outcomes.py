@@ -34,25 +34,28 @@ RECORDABLE = ("succeeded", "failed", "handoff")  # what a run's own side can tel
 
 
 def write_outcome(storage, job, server_id: str, kind: str, error: str | None, retry_backoff: float,
-                  result: str | None = None) -> str:
+                  result: str | None = None, then_claim=None) -> str:
     """The one write that records a finished run, fenced by its lease:
     complete, fail (a retry is scheduled while attempts are left; never for
     `refused`) or give back (`handoff`). `result` (JSON text) is stored with
-    a success or a failure in the same write. Returns the job's new state,
-    or "stale" when the lease is no longer current (nothing was applied)."""
+    a success or a failure in the same write, and so is the claim of a
+    reused process's next job (`then_claim`, storage.ClaimNext; never with
+    a give back, which could claim the job it gives back). Returns the
+    job's new state, or "stale" when the lease is no longer current
+    (nothing was applied)."""
     if kind == "succeeded":
-        return "succeeded" if storage.complete(job.id, job.lease, server_id, result) else "stale"
+        return "succeeded" if storage.complete(job.id, job.lease, server_id, result, then_claim) else "stale"
     if kind == "handoff":
         return storage.give_back(job.id, job.lease, server_id, error or "handed off by the job")
     return storage.fail(
         job.id, job.lease, server_id, error or "failed", retry=kind != "refused", retry_backoff=retry_backoff,
-        result=result,
+        result=result, then_claim=then_claim,
     )
 
 
 def record_finished_run(open_storage, job, server_id: str, kind: str, error: str | None,
                         retry_backoff: float, timeout: float = RECORD_TIMEOUT_S,
-                        result: str | None = None) -> str | None:
+                        result: str | None = None, then_claim=None) -> str | None:
     """Called once per finished run by the process that saw it end (a
     long-lived slot running many jobs calls it once per job). Returns the new state or "stale";
     None when the write could not be made within `timeout`: the caller then
@@ -61,20 +64,31 @@ def record_finished_run(open_storage, job, server_id: str, kind: str, error: str
     The write runs in a thread so that no driver timeout can hold the caller
     longer than `timeout`. A write still in flight when the caller gives up
     and exits either committed or did not; the supervisor's own write of
-    the same run is fenced by the same lease, so only one can apply."""
+    the same run is fenced by the same lease, so only one can apply.
+
+    A write that also claims (`then_claim`) and fails with its commit in
+    doubt is not blindly retried: storage first says whether that commit
+    happened (settled_claim). When the caller gives up on such a write, the
+    supervisor, which records the outcome instead, gives back whatever the
+    write may still claim (Supervisor._record)."""
     if kind not in RECORDABLE:
         return None
     outcome: list[str] = []
     give_up = time.monotonic() + timeout
+    stopped = threading.Event()
 
     def write():
-        delay = 0.05
+        delay, in_doubt = 0.05, False
         while True:
             try:
-                outcome.append(write_outcome(open_storage(), job, server_id, kind, error, retry_backoff, result))
+                storage = open_storage()
+                settled = in_doubt and storage.settled_claim(job.id, job.lease, server_id, then_claim)
+                outcome.append(settled or write_outcome(storage, job, server_id, kind, error, retry_backoff, result,
+                                                        then_claim))
                 return
             except StorageUnavailable:
-                if time.monotonic() + delay > give_up:
+                in_doubt = then_claim is not None
+                if stopped.is_set() or time.monotonic() + delay > give_up:
                     return
                 time.sleep(delay)  # a pooled connection broken by a restart is replaced
                 delay = min(delay * 2, 1.0)
@@ -85,4 +99,5 @@ def record_finished_run(open_storage, job, server_id: str, kind: str, error: str
     writer = threading.Thread(target=write, name="record-outcome", daemon=True)
     writer.start()
     writer.join(timeout)
+    stopped.set()
     return outcome[0] if outcome else None

@@ -8,6 +8,7 @@ write matches no row, is refused, and leaves a `stale_write` event behind.
 
 import functools
 import json
+import re
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -187,6 +188,30 @@ class EventDelta:
 
 
 # --- the verbs -----------------------------------------------------------------
+
+
+@dataclass
+class ClaimNext:
+    """A claim made in the same transaction as a reused job process's
+    outcome (complete or fail with `then_claim`): its next job, for its
+    server, with exactly the checks of Storage.claim; one commit per job
+    instead of two. Only callable jobs: a command needs a fresh child."""
+
+    server_id: str
+    queues: tuple[str, ...]
+    release: str | None = None
+    limit: int = 1
+    callables_only: bool = False
+    after: tuple[int, int] | None = None  # (job id, lease) of the run whose outcome this claim goes with
+    claimed: list = None  # the jobs taken, once the transaction committed
+
+    def kind_condition(self) -> list:
+        return [jobs.c.kind == "callable"] if self.callables_only else []
+
+    def marker(self) -> str:
+        """Ends the `claimed` event's detail: which run's write claimed it
+        (settled_claim finds the claim of a write whose commit is in doubt)."""
+        return "" if self.after is None else f", with the outcome of job {self.after[0]} (lease {self.after[1]})"
 
 
 class Storage:
@@ -604,36 +629,40 @@ class Storage:
         the claim is exactly what it was before releases existed."""
         if probe and not self.locks_rows and not self._anything_due(queues, release):
             return []
-        queues = tuple(queues)
         with self._write() as conn:
-            server = conn.execute(_claiming_server(self.locks_rows), {"server_id": server_id}).first()
-            if server is None or server.state != "running" or server.quiet:
-                return []
-            # A paused queue's jobs stay enqueued (_due reads the pause in
-            # this claiming transaction, so every server honours a pause
-            # from its commit on, with nothing to restart or notify).
-            others = self._left_to_others(conn, release, queues)
-            if others:
-                due = self._for_update(
-                    select(jobs.c.id).where(_due(queues), *others)
-                    .order_by(jobs.c.priority.desc(), jobs.c.id).limit(limit),
-                    skip_locked=True,
-                )
-            else:  # the usual claim: the same statement every time
-                due = _due_ids(queues, limit, self.locks_rows)
-            ids = conn.execute(due).scalars().all()
-            if not ids:
-                return []
-            claimed = self._take(conn, ids, server_id)
-            self._record(
-                conn,
-                [
-                    dict(job_id=job.id, kind="claimed", server_id=server_id,
-                         detail=f"attempt {job.attempts}, lease {job.lease}")
-                    for job in claimed
-                ],
+            return self._claim_in(conn, ClaimNext(server_id, tuple(queues), release, limit))
+
+    def _claim_in(self, conn, wanted: "ClaimNext") -> list[Job]:
+        """claim() inside the transaction `conn`: a supervisor's own, or a
+        reused job process's outcome write (see ClaimNext)."""
+        server = conn.execute(_claiming_server(self.locks_rows), {"server_id": wanted.server_id}).first()
+        if server is None or server.state != "running" or server.quiet:
+            return []
+        # A paused queue's jobs stay enqueued (_due reads the pause in
+        # this claiming transaction, so every server honours a pause
+        # from its commit on, with nothing to restart or notify).
+        others = self._left_to_others(conn, wanted.release, wanted.queues)
+        if others or wanted.callables_only:
+            due = self._for_update(
+                select(jobs.c.id).where(_due(wanted.queues), *others, *wanted.kind_condition())
+                .order_by(jobs.c.priority.desc(), jobs.c.id).limit(wanted.limit),
+                skip_locked=True,
             )
-            return claimed
+        else:  # the usual claim: the same statement every time
+            due = _due_ids(wanted.queues, wanted.limit, self.locks_rows)
+        ids = conn.execute(due).scalars().all()
+        if not ids:
+            return []
+        claimed = self._take(conn, ids, wanted.server_id)
+        self._record(
+            conn,
+            [
+                dict(job_id=job.id, kind="claimed", server_id=wanted.server_id,
+                     detail=f"attempt {job.attempts}, lease {job.lease}{wanted.marker()}")
+                for job in claimed
+            ],
+        )
+        return claimed
 
     def _take(self, conn, ids: list[int], server_id: str) -> list[Job]:
         """Mark the (locked) jobs `ids` processing for `server_id`, with a
@@ -762,27 +791,58 @@ class Storage:
         if current is not None:
             self._record(conn, [dict(job_id=job_id, kind="stale_write", server_id=server_id, detail=detail)])
 
-    def complete(self, job_id: int, lease: int, server_id: str, result: str | None = None) -> bool:
+    def complete(self, job_id: int, lease: int, server_id: str, result: str | None = None,
+                 then_claim: ClaimNext | None = None) -> bool:
         """Mark the job succeeded, store its `result` (JSON text, or None)
-        and clear its checkpoint. False (and a `stale_write` event) when the
-        lease no longer matches."""
+        and clear its checkpoint; then, in the same transaction, make the
+        claim `then_claim` asks for. False (and a `stale_write` event, and
+        no claim) when the lease no longer matches."""
         with self._write() as conn:
             done = conn.execute(_COMPLETE, {"fenced_id": job_id, "fenced_lease": lease, "outcome": result})
             if done.rowcount != 1:
                 self._refuse_stale(conn, job_id, lease, server_id, "success")
                 return False
             self._record(conn, [dict(job_id=job_id, kind="succeeded", server_id=server_id, detail=None)])
+            self._claim_next(conn, then_claim)
             return True
+
+    def _claim_next(self, conn, wanted: ClaimNext | None) -> None:
+        if wanted is not None:
+            wanted.claimed = None  # set only by a transaction that gets this far
+            wanted.claimed = self._claim_in(conn, wanted)
+
+    def settled_claim(self, job_id: int, lease: int, server_id: str, wanted: ClaimNext) -> str | None:
+        """After an outcome write with a claim (`wanted`) failed with its
+        commit in doubt: None when it did not commit (the job is still
+        processing under `lease`: write again). Otherwise the job's state
+        ("stale" when its lease moved on: someone else took it), and
+        wanted.claimed the jobs that write claimed and this server still
+        holds under that claim's lease, found by their `claimed` event."""
+        with self._read() as conn:
+            row = conn.execute(select(jobs.c.state, jobs.c.lease).where(jobs.c.id == job_id)).first()
+            if row is not None and row.state == "processing" and row.lease == lease:
+                return None
+            wanted.after = (job_id, lease)
+            claims = conn.execute(
+                select(events.c.job_id, events.c.detail).where(
+                    events.c.kind == "claimed", events.c.server_id == server_id,
+                    events.c.detail.like("%" + wanted.marker()))
+            ).all()
+            leases = {claimed_id: int(re.search(r"lease (\d+)", detail).group(1)) for claimed_id, detail in claims}
+            rows = conn.execute(select(jobs).where(
+                jobs.c.id.in_(list(leases)), jobs.c.state == "processing", jobs.c.server_id == server_id)).all()
+        wanted.claimed = [Job.from_row(r) for r in rows if r.lease == leases[r.id]]
+        return "stale" if row is None or row.lease != lease else row.state
 
     def fail(
         self, job_id: int, lease: int, server_id: str, error: str, *,
-        retry_backoff: float, retry: bool = True, result: str | None = None,
+        retry_backoff: float, retry: bool = True, result: str | None = None, then_claim: ClaimNext | None = None,
     ) -> str:
         """Record a failed run. Under max_attempts (and when `retry`), the job
         is `scheduled` again after retry_backoff * 2^(attempts-1) seconds;
         otherwise it is `failed` with the error (and `result`: a command's
-        exit code and output) kept. Returns the new state, or "stale" when
-        the lease no longer matches."""
+        exit code and output) kept; then `then_claim`, as for complete().
+        Returns the new state, or "stale" when the lease no longer matches."""
         error = error[-MAX_ERROR_CHARS:]
         with self._write() as conn:
             row = conn.execute(
@@ -800,6 +860,7 @@ class Storage:
                 kind, detail = "failed", _summary(error)
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(error=error, result=result, **values))
             self._record(conn, [dict(job_id=job_id, kind=kind, server_id=server_id, detail=detail)])
+            self._claim_next(conn, then_claim)
             return values["state"]
 
     def checkpoint(self, job_id: int, lease: int, server_id: str | None, data_json: str) -> bool:

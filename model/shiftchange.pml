@@ -159,6 +159,11 @@ byte pend_kind[NS];          /* RES_SUCC, RES_FAIL or RES_GIVEBACK */
 byte pend_job[NS] = NONE;
 bool pend_lease[NS];
 
+/* Supervisor.claims_in_doubt: a job the slot's outcome write claimed
+   although the slot saw that write fail (it committed: DB_LOST). */
+byte orphan[NS] = NONE;
+bool orphan_ok[NS];          /* its lease is the one that claim gave it */
+
 bool stop_signal[NS];        /* Supervisor.stop_signal */
 bool killed[NS];             /* kill -9 came; the process starts again */
 
@@ -202,6 +207,14 @@ inline bump_lease(j) {
     fi;
     if
     :: pend_job[1] == j -> pend_lease[1] = false
+    :: else -> skip
+    fi;
+    if
+    :: orphan[0] == j -> orphan_ok[0] = false
+    :: else -> skip
+    fi;
+    if
+    :: orphan[1] == j -> orphan_ok[1] = false
     :: else -> skip
     fi;
     held_ok[j] = false
@@ -346,6 +359,7 @@ proctype Child(byte s) {
     bool done;
     byte res;
     byte j;
+    byte next;
 end:
     do
     /* Child._watch: the deadline passed; kill the job's tree, report it. */
@@ -390,15 +404,59 @@ end:
            :: else -> skip
            fi
         fi;
+        /* A reused process claims its next job in the same write
+           (storage.ClaimNext, issue 11), for its run's server row, with the
+           supervisor's checks: the row running and not quiet, the job due,
+           not held back; and its deadline a heartbeat away; never with a give
+           back (it could claim the job it gives back). Whether the
+           supervisor still lets it (C0 once it drains) is left open: the
+           slot may chain in any mode, which covers the C0 in flight. */
+        next = NONE;
+        if
+        :: res != DB_FAIL && done && run_result[s] != RES_GIVEBACK && run_left[s] >= HB && rstate[run_row[s]] == R_RUN && !quiet[s] ->
+            if
+            :: jstate[0] == J_ENQ && jhold[0] == 0 && !HELD_BACK(s, 0) -> next = 0
+#if NJ > 1
+            :: jstate[1] == J_ENQ && jhold[1] == 0 && !HELD_BACK(s, 1) -> next = 1
+#endif
+            :: true -> skip   /* nothing due, or the slot retires */
+            fi
+        :: else -> skip
+        fi;
         if
         :: res == DB_OK && done -> run_result[s] = RES_RECORDED
         :: res == DB_OK && !done -> run_result[s] = RES_DROPPED
         :: else -> skip  /* the supervisor records it (stale if it landed) */
         fi;
-        run_live[s] = false;
-        run_child[s] = false;
-        run_left[s] = 0;
-        res = 0; done = false; j = 0 }
+        if
+        :: next != NONE ->
+            records(run_row[s]);
+            jstate[next] = J_PROC;
+            jsrv[next] = run_row[s];
+            bump_lease(next);
+            if
+            :: res == DB_OK ->
+                /* The slot saw it commit and runs it (Property 1). */
+                assert(!LIVE_RUN(next));
+                run_job[s] = next;
+                run_lease[s] = true;
+                run_lost[s] = false;
+                run_result[s] = RES_NONE
+            :: else ->
+                /* Committed unseen (DB_LOST): the slot runs nothing; the
+                   supervisor records the outcome and gives this back. */
+                orphan[s] = next;
+                orphan_ok[s] = true;
+                run_live[s] = false;
+                run_child[s] = false;
+                run_left[s] = 0
+            fi
+        :: else ->
+            run_live[s] = false;
+            run_child[s] = false;
+            run_left[s] = 0
+        fi;
+        res = 0; done = false; j = 0; next = NONE }
     od
 }
 
@@ -425,6 +483,15 @@ inline record_pending(s) {
     :: pend_kind[s] == RES_FAIL -> fail(pend_job[s], pend_lease[s], sid[s], done)
     :: pend_kind[s] == RES_GIVEBACK -> give_back(pend_job[s], pend_lease[s], sid[s], done)
     fi;
+    /* _give_back_claims_of: our write was stale, so the slot's committed,
+       and with it the claim it made. */
+#ifndef BUG_KEEP_ORPHAN
+    if
+    :: !done && orphan[s] != NONE && orphan_ok[s] && jstate[orphan[s]] == J_PROC -> take_back(orphan[s], 0)
+    :: else -> skip
+    fi;
+#endif
+    orphan[s] = NONE; orphan_ok[s] = false;
     pend_kind[s] = RES_NONE;
     pend_job[s] = NONE;
     pend_lease[s] = false
@@ -732,7 +799,7 @@ end_serve:
                     fi;
                     exit_requested = false;
                     mode[s] = S_DOWN; sid[s] = NONE; fenced[s] = false; quiet[s] = false; fence_left[s] = 0;
-                    pend_kind[s] = RES_NONE; pend_job[s] = NONE; pend_lease[s] = false;
+                    pend_kind[s] = RES_NONE; pend_job[s] = NONE; pend_lease[s] = false; orphan[s] = NONE; orphan_ok[s] = false;
                     ok = false }
             :: else ->
                 /* shut_down step 3: storage.handoff, transaction 1 */
@@ -766,7 +833,7 @@ end_serve:
                     fi;
                     committed[s] = (res == DB_OK);
                     /* sup.dropping = True: nothing more is recorded */
-                    pend_kind[s] = RES_NONE; pend_job[s] = NONE; pend_lease[s] = false;
+                    pend_kind[s] = RES_NONE; pend_job[s] = NONE; pend_lease[s] = false; orphan[s] = NONE; orphan_ok[s] = false;
                     mode[s] = S_KILL;
                     res = 0; j = 0 }
 #ifdef BUG_RELEASE_EARLY
@@ -798,7 +865,7 @@ inline kill_supervisor(s) {
     killed[s] = true;
     mode[s] = S_DOWN; sid[s] = NONE; fenced[s] = false; committed[s] = false;
     beat_sent[s] = false; since_sent[s] = 0; quiet[s] = false; stop_signal[s] = false; fence_left[s] = 0;
-    pend_kind[s] = RES_NONE; pend_job[s] = NONE; pend_lease[s] = false;
+    pend_kind[s] = RES_NONE; pend_job[s] = NONE; pend_lease[s] = false; orphan[s] = NONE; orphan_ok[s] = false;
     forget_held(s)
 }
 

@@ -37,7 +37,7 @@ from supervisor.processes import (
 )
 from supervisor.records import Job
 from supervisor.recurring import EntryError, Schedule, entry_from_row, not_allowed
-from supervisor.storage import LIVE_SERVER_STATES, ClaimNext, Storage
+from supervisor.storage import LIVE_SERVER_STATES, Storage
 from supervisor.targets import AllowList, TargetRefused, job_import_path
 from supervisor.wakeup import Wakeups
 
@@ -480,18 +480,11 @@ class Supervisor:
             self.claims_in_doubt.discard((job.id, job.lease))
 
     def _give_back_claims_of(self, job) -> None:
-        """Our write of a run's outcome was refused as stale, and the slot
-        had given up on its own write, which would also claim the slot's next
-        job: if that write committed after all, the job it claimed is ours
-        and runs nowhere (the slot runs only a claim it saw commit). Give it
-        back: requeued at once, an interruption, not an attempt."""
-        wanted = ClaimNext(self.server_id, (), after=(job.id, job.lease))
-        if self.storage.settled_claim(job.id, job.lease, self.server_id, wanted) is None:
-            return
-        for claimed in wanted.claimed:
-            state = self.storage.give_back(claimed.id, claimed.lease, self.server_id,
-                                           f"claimed with the outcome of job {job.id} by a reused process "
-                                           "that had given up on that write")
+        """Our write of a run's outcome was refused as stale, and its slot
+        had given up on its own write, which would also claim the slot's
+        next job: if that write committed after all, what it claimed is
+        ours and runs nowhere. Give it back (storage.give_back_claims_of)."""
+        for claimed, state in self.storage.give_back_claims_of(job.id, job.lease, self.server_id):
             event("job %d (%s) given back (%s): its reused process claimed it with the outcome of job %d, "
                   "in a write it had given up on", claimed.id, claimed.target, state, job.id,
                   event="handed_off", job=claimed.id)

@@ -811,6 +811,18 @@ class Storage:
             wanted.claimed = None  # set only by a transaction that gets this far
             wanted.claimed = self._claim_in(conn, wanted)
 
+    def give_back_claims_of(self, job_id: int, lease: int, server_id: str) -> list[tuple[Job, str]]:
+        """Give back, requeued at once as an interruption, what a write of
+        the outcome of run (`job_id`, `lease`) claimed for `server_id`, if
+        that write committed. For a write its slot gave up on: the slot
+        runs only a claim it saw commit, so such a job runs nowhere. Each
+        job given back, with its new state."""
+        wanted = ClaimNext(server_id, (), after=(job_id, lease))
+        if self.settled_claim(job_id, lease, server_id, wanted) is None:
+            return []
+        reason = f"claimed with the outcome of job {job_id} by a reused process that had given up on that write"
+        return [(job, self.give_back(job.id, job.lease, server_id, reason)) for job in wanted.claimed]
+
     def settled_claim(self, job_id: int, lease: int, server_id: str, wanted: ClaimNext) -> str | None:
         """After an outcome write with a claim (`wanted`) failed with its
         commit in doubt: None when it did not commit (the job is still

@@ -34,3 +34,21 @@ def record_and_wait_for_stop(record_dir):
     Path(record_dir, f"{current_job().id}.pid").write_text(str(os.getpid()))
     current_job().wait_stopping(600)
     raise HandOff("stop notice seen")
+
+
+def run_when_told(record_dir):
+    """Append our pid to <id>.runs, then return once `go` exists (deaf to
+    the stop notice); the pid."""
+    record = Path(record_dir, f"{current_job().id}.runs")
+    with record.open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    while not Path(record_dir, "go").exists():
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def count_run(record_dir):
+    """Append our pid to <id>.runs; the pid."""
+    with Path(record_dir, f"{current_job().id}.runs").open("a") as f:
+        f.write(f"{os.getpid()}\n")
+    return os.getpid()

@@ -1,0 +1,194 @@
+"""A reused job process claims its next job in the transaction that
+records its outcome (storage.ClaimNext; issue 11): with exactly the checks
+of the supervisor's own claim, only callable jobs, never with a give back,
+and what a write given up on may have claimed is given back. Storage on
+SQLite, PostgreSQL and MariaDB; then real supervisors, judged from the
+jobs' side (which process ran each job, how often)."""
+
+import signal
+from pathlib import Path
+
+import pytest
+from sqlalchemy import text
+
+from harness import events_of, read_lines, wait_for
+from supervisor import Queue
+from supervisor.database import Bounds, make_engine
+from supervisor.storage import ClaimNext
+from test_storage import claim_one, register
+
+
+@pytest.fixture
+def q(db_url):
+    with Queue(db_url) as opened:
+        yield opened
+
+
+def chain(server_id, job, **extra):
+    return ClaimNext(server_id, ("default",), callables_only=True, after=(job.id, job.lease), **extra)
+
+
+def claimed_detail(queue, job_id) -> str:
+    return [e.detail for e in queue.get(job_id).events if e.kind == "claimed"][-1]
+
+
+# --- storage -------------------------------------------------------------------------
+
+
+def test_complete_claims_the_next_callable_in_the_same_write(q):
+    server = register(q)
+    first = q.enqueue("app:a")
+    command = q.enqueue_command(["true"], priority=5)  # first in line, but a command needs a fresh child
+    second = q.enqueue("app:b")
+    running = claim_one(q, server)
+    assert running.id == command.id  # the supervisor's claim takes commands too
+    running = q.storage.claim(server, ["default"], 1)[0]
+    assert running.id == first.id
+    wanted = chain(server, running)
+    assert q.storage.complete(running.id, running.lease, server, None, wanted)
+    (taken,) = wanted.claimed
+    assert (taken.id, taken.state, taken.server, taken.attempts) == (second.id, "processing", server, 1)
+    assert claimed_detail(q, second.id) == f"attempt 1, lease {taken.lease}, with the outcome of job {first.id} (lease {running.lease})"
+    assert q.get(first.id).state == "succeeded"
+
+
+def test_a_failure_claims_too_and_a_stale_write_claims_nothing(q):
+    server = register(q)
+    jobs = [q.enqueue("app:a", max_attempts=1) for _ in range(3)]
+    running = claim_one(q, server)
+    wanted = chain(server, running)
+    assert q.storage.fail(running.id, running.lease, server, "boom", retry_backoff=1, then_claim=wanted) == "failed"
+    assert [j.id for j in wanted.claimed] == [jobs[1].id]
+    q.requeue(jobs[1].id)  # an operator takes it: that run's lease is gone
+    late = chain(server, wanted.claimed[0])
+    assert not q.storage.complete(jobs[1].id, wanted.claimed[0].lease, server, None, late)
+    assert late.claimed is None and q.get(jobs[2].id).state == "enqueued"
+
+
+@pytest.mark.parametrize("why", ["paused", "quiet", "stopping"])
+def test_the_claim_with_an_outcome_has_the_supervisor_s_checks(q, why):
+    server = register(q)
+    running = (q.enqueue("app:a"), claim_one(q, server))[1]
+    waiting = q.enqueue("app:b")
+    if why == "paused":
+        q.pause("default")
+    elif why == "quiet":
+        q.storage.set_quiet([server])
+    else:
+        q.storage.handoff([server], 0.0, "a deploy")
+        running = q.get(running.id)  # taken back: the run's write is stale now
+    wanted = chain(server, running)
+    q.storage.complete(running.id, running.lease, server, None, wanted)
+    assert not wanted.claimed and q.get(waiting.id).state == "enqueued"
+
+
+def test_what_a_write_given_up_on_claimed_is_found_and_given_back(q):
+    server = register(q)
+    first, second = q.enqueue("app:a"), q.enqueue("app:b")
+    running = claim_one(q, server)
+    probe = chain(server, running)
+    assert q.storage.settled_claim(running.id, running.lease, server, probe) is None  # not committed: write again
+    late = chain(server, running)
+    assert q.storage.complete(running.id, running.lease, server, None, late)  # the write that landed unseen
+    assert q.storage.settled_claim(running.id, running.lease, server, probe) == "succeeded"
+    assert [j.id for j in probe.claimed] == [second.id]
+    (given, state), = q.storage.give_back_claims_of(running.id, running.lease, server)
+    back = q.get(second.id)
+    assert (given.id, state, back.state, back.attempts, back.interruptions) == (second.id, "enqueued", "enqueued", 0, 1)
+    assert q.storage.give_back_claims_of(running.id, running.lease, server) == []  # once only
+    assert q.get(first.id).state == "succeeded"
+
+
+# --- real supervisors ----------------------------------------------------------------
+
+ONE_SLOT = {"server": {"concurrency": 1}, "jobs": {"allow": ["reusejobs:*"], "allow_commands": ["true"]}}
+
+
+def start(supervisors, url, q, **settings):
+    sup = supervisors(url, "s1", **{**ONE_SLOT, **settings})
+    sup.wait_registered(q)
+    return sup
+
+
+def runs(records, job_id) -> list[str]:
+    return read_lines(Path(records) / f"{job_id}.runs")
+
+
+def test_a_slot_runs_the_jobs_it_claims_in_its_own_process(q, db_url, supervisors):
+    ids = [q.enqueue("reusejobs:whoami").id for _ in range(4)]
+    start(supervisors, db_url, q)
+    ran = [q.result(job_id, timeout=60) for job_id in ids]
+    assert len({pid for pid, _ in ran}) == 1 and [count for _, count in ran] == [1, 2, 3, 4]
+    for before, after in zip(ids, ids[1:]):
+        assert claimed_detail(q, after).endswith(f"with the outcome of job {before} (lease 1)")
+
+
+def test_a_slot_leaves_paused_queues_commands_and_refused_targets_to_the_supervisor(
+        queue, e2e_db_url, supervisors, records):
+    start(supervisors, e2e_db_url, queue, jobs={"allow": ["reusejobs:run_when_told", "reusejobs:count_run"],
+                                                "allow_commands": ["true"]})
+    first = queue.enqueue("reusejobs:run_when_told", [str(records)]).id
+    wait_for(lambda: runs(records, first), what="the first job to start")
+    refused = queue.enqueue("reusejobs:whoami").id  # not on this server's allow-list
+    command = queue.enqueue_command(["true"]).id
+    last = queue.enqueue("reusejobs:count_run", [str(records)]).id
+    Path(records, "go").write_text("")
+    slot_pid = queue.result(first, timeout=60)
+    assert "reusejobs:whoami" in queue.get(refused).error and queue.get(refused).state == "failed"
+    assert queue.result(command, timeout=60) is not None  # a fresh child ran it
+    assert "with the outcome" not in claimed_detail(queue, command)
+    wait_for(lambda: queue.get(last).state == "succeeded", what="the last job")
+    assert [int(pid) for pid in runs(records, last)] == [slot_pid]  # the slot lived on after the refusal
+
+
+def test_no_chained_claim_from_a_paused_queue(queue, e2e_db_url, supervisors, records):
+    start(supervisors, e2e_db_url, queue)
+    first = queue.enqueue("reusejobs:run_when_told", [str(records)]).id
+    wait_for(lambda: runs(records, first), what="the first job to start")
+    waiting = queue.enqueue("reusejobs:count_run", [str(records)]).id
+    queue.pause("default")
+    Path(records, "go").write_text("")
+    queue.result(first, timeout=60)
+    # The claim would have been in the write that recorded the outcome.
+    assert queue.get(waiting).state == "enqueued" and events_of(queue, waiting) == ["enqueued"]
+    queue.resume("default")
+    wait_for(lambda: queue.get(waiting).state == "succeeded", what="the job, once its queue is resumed")
+    assert len(runs(records, waiting)) == 1
+
+
+def test_a_draining_slot_claims_nothing_more(queue, e2e_db_url, supervisors, records):
+    sup = start(supervisors, e2e_db_url, queue, shutdown={"drain": "60s"}, log={"format": "json"})
+    first = queue.enqueue("reusejobs:run_when_told", [str(records)]).id
+    wait_for(lambda: runs(records, first), what="the first job to start")
+    waiting = queue.enqueue("reusejobs:count_run", [str(records)]).id
+    wait_for(lambda: queue.get(waiting).state == "enqueued")
+    sup.send(signal.SIGTERM)
+    wait_for(lambda: any(e.get("event") == "draining" for e in sup.events()), what="the drain to begin")
+    Path(records, "go").write_text("")
+    assert sup.wait() == 0
+    assert queue.get(first).state == "succeeded"
+    assert queue.get(waiting).state == "enqueued" and runs(records, waiting) == []
+
+
+def test_no_job_is_lost_or_run_twice_when_the_slot_gives_up_on_its_write(q, db_url, supervisors, records):
+    """The first job's row is locked while its slot records the outcome: the
+    slot gives up (RECORD_TIMEOUT_S), the supervisor records it; the job the
+    slot's write would have claimed runs once, wherever it is claimed."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("on SQLite a lock that stops the child's write stops the heartbeat too (one writer)")
+    sup = start(supervisors, db_url, q, log={"format": "json"})
+    first = q.enqueue("reusejobs:run_when_told", [str(records)]).id
+    wait_for(lambda: runs(records, first), what="the first job to start")
+    second = q.enqueue("reusejobs:count_run", [str(records)]).id
+    locker = make_engine(db_url, bounds=Bounds(connect=5, statement=60.0, keepalive_idle=10))
+    with locker.connect() as conn:
+        locked = conn.begin()
+        conn.execute(text("SELECT id FROM shiftchange_jobs WHERE id = :id FOR UPDATE"), {"id": first})
+        Path(records, "go").write_text("")
+        wait_for(lambda: any(e.get("event") == "db_unreachable" and e.get("job") == first for e in sup.events()),
+                 timeout=30, what="the slot to give up and the supervisor to try")
+        locked.rollback()
+    locker.dispose()
+    wait_for(lambda: q.get(second).state == "succeeded", timeout=30, what="the second job")
+    assert q.get(first).state == "succeeded" and events_of(q, first).count("succeeded") == 1
+    assert len(runs(records, first)) == 1 and len(runs(records, second)) == 1

@@ -205,9 +205,6 @@ class ClaimNext:
     after: tuple[int, int] | None = None  # (job id, lease) of the run whose outcome this claim goes with
     claimed: list = None  # the jobs taken, once the transaction committed
 
-    def kind_condition(self) -> list:
-        return [jobs.c.kind == "callable"] if self.callables_only else []
-
     def marker(self) -> str:
         """Ends the `claimed` event's detail: which run's write claimed it
         (settled_claim finds the claim of a write whose commit is in doubt)."""
@@ -629,40 +626,40 @@ class Storage:
         the claim is exactly what it was before releases existed."""
         if probe and not self.locks_rows and not self._anything_due(queues, release):
             return []
+        wanted = ClaimNext(server_id, tuple(queues), release, limit)
         with self._write() as conn:
-            return self._claim_in(conn, ClaimNext(server_id, tuple(queues), release, limit))
+            claimed = self._claim_in(conn, wanted)
+            self._record(conn, _claimed_events(claimed, wanted))
+            return claimed
 
     def _claim_in(self, conn, wanted: "ClaimNext") -> list[Job]:
-        """claim() inside the transaction `conn`: a supervisor's own, or a
-        reused job process's outcome write (see ClaimNext)."""
-        server = conn.execute(_claiming_server(self.locks_rows), {"server_id": wanted.server_id}).first()
-        if server is None or server.state != "running" or server.quiet:
-            return []
+        """claim() inside the transaction `conn` (a supervisor's own, or a
+        reused job process's outcome write: see ClaimNext), without its
+        events (_claimed_events), so that a caller writes all of its
+        transaction's events in one statement."""
+        if self.locks_rows:
+            # Read under a share lock of the server row, which the handoff
+            # and the reaper update: a claim and a handoff of one server
+            # are serialized, so no claim lands after its jobs were taken back.
+            server = conn.execute(_claiming_server(self.locks_rows), {"server_id": wanted.server_id}).first()
+            if server is None or server.state != "running" or server.quiet:
+                return []
         # A paused queue's jobs stay enqueued (_due reads the pause in
         # this claiming transaction, so every server honours a pause
         # from its commit on, with nothing to restart or notify).
         others = self._left_to_others(conn, wanted.release, wanted.queues)
-        if others or wanted.callables_only:
+        if others:
             due = self._for_update(
-                select(jobs.c.id).where(_due(wanted.queues), *others, *wanted.kind_condition())
+                select(jobs.c.id).where(_due(wanted.queues), *others, *_claim_conditions(self.locks_rows, wanted.callables_only))
                 .order_by(jobs.c.priority.desc(), jobs.c.id).limit(wanted.limit),
                 skip_locked=True,
             )
-        else:  # the usual claim: the same statement every time
-            due = _due_ids(wanted.queues, wanted.limit, self.locks_rows)
-        ids = conn.execute(due).scalars().all()
+        else:  # the usual claims: the same statements every time
+            due = _due_ids(wanted.queues, wanted.limit, self.locks_rows, wanted.callables_only)
+        ids = conn.execute(due, {"claimer": wanted.server_id}).scalars().all()
         if not ids:
             return []
-        claimed = self._take(conn, ids, wanted.server_id)
-        self._record(
-            conn,
-            [
-                dict(job_id=job.id, kind="claimed", server_id=wanted.server_id,
-                     detail=f"attempt {job.attempts}, lease {job.lease}{wanted.marker()}")
-                for job in claimed
-            ],
-        )
-        return claimed
+        return self._take(conn, ids, wanted.server_id)
 
     def _take(self, conn, ids: list[int], server_id: str) -> list[Job]:
         """Mark the (locked) jobs `ids` processing for `server_id`, with a
@@ -802,14 +799,17 @@ class Storage:
             if done.rowcount != 1:
                 self._refuse_stale(conn, job_id, lease, server_id, "success")
                 return False
-            self._record(conn, [dict(job_id=job_id, kind="succeeded", server_id=server_id, detail=None)])
-            self._claim_next(conn, then_claim)
+            self._record(conn, [dict(job_id=job_id, kind="succeeded", server_id=server_id, detail=None),
+                                *self._claim_next(conn, then_claim)])
             return True
 
-    def _claim_next(self, conn, wanted: ClaimNext | None) -> None:
-        if wanted is not None:
-            wanted.claimed = None  # set only by a transaction that gets this far
-            wanted.claimed = self._claim_in(conn, wanted)
+    def _claim_next(self, conn, wanted: ClaimNext | None) -> list[dict]:
+        """The claim of an outcome's write (if asked); its events."""
+        if wanted is None:
+            return []
+        wanted.claimed = None  # set only by a transaction that gets this far
+        wanted.claimed = self._claim_in(conn, wanted)
+        return _claimed_events(wanted.claimed, wanted)
 
     def give_back_claims_of(self, job_id: int, lease: int, server_id: str) -> list[tuple[Job, str]]:
         """Give back, requeued at once as an interruption, what a write of
@@ -871,8 +871,8 @@ class Storage:
                 values = dict(state="failed", finished_at=db_now(), unique_active=None)
                 kind, detail = "failed", _summary(error)
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(error=error, result=result, **values))
-            self._record(conn, [dict(job_id=job_id, kind=kind, server_id=server_id, detail=detail)])
-            self._claim_next(conn, then_claim)
+            self._record(conn, [dict(job_id=job_id, kind=kind, server_id=server_id, detail=detail),
+                                *self._claim_next(conn, then_claim)])
             return values["state"]
 
     def checkpoint(self, job_id: int, lease: int, server_id: str | None, data_json: str) -> bool:
@@ -1385,6 +1385,16 @@ _CLAIMED_ROWS = (
 )
 
 
+def _claimed_events(claimed: list[Job], wanted: ClaimNext) -> list[dict]:
+    return [dict(job_id=job.id, kind="claimed", server_id=wanted.server_id,
+                 detail=f"attempt {job.attempts}, lease {job.lease}{wanted.marker()}") for job in claimed]
+
+
+# The claiming server is running and not quiet (SQLite's claim: see _claim_in).
+_CLAIMER_RUNNING = exists().where(servers.c.id == bindparam("claimer"), servers.c.state == "running",
+                                  servers.c.quiet == false())
+
+
 @functools.lru_cache(maxsize=2)
 def _claiming_server(locks_rows: bool):
     query = select(servers.c.state, servers.c.quiet).where(servers.c.id == bindparam("server_id"))
@@ -1392,10 +1402,18 @@ def _claiming_server(locks_rows: bool):
 
 
 @functools.lru_cache(maxsize=64)
-def _due_ids(queues: tuple[str, ...], limit: int, locks_rows: bool):
+def _due_ids(queues: tuple[str, ...], limit: int, locks_rows: bool, callables_only: bool = False):
     """The ids a claim takes (without a release's extra conditions)."""
-    query = select(jobs.c.id).where(_due(queues)).order_by(jobs.c.priority.desc(), jobs.c.id).limit(limit)
+    query = (select(jobs.c.id).where(_due(queues), *_claim_conditions(locks_rows, callables_only))
+             .order_by(jobs.c.priority.desc(), jobs.c.id).limit(limit))
     return query.with_for_update(skip_locked=True) if locks_rows else query
+
+
+def _claim_conditions(locks_rows: bool, callables_only: bool) -> list:
+    """A claim's conditions besides _due: on SQLite (one writer at a time)
+    the claiming server's check is part of the query (see _claim_in); a
+    reused process's claim takes callable jobs only."""
+    return [*([] if locks_rows else [_CLAIMER_RUNNING]), *([jobs.c.kind == "callable"] if callables_only else [])]
 
 
 def _due(queues):

@@ -408,9 +408,9 @@ end:
            (storage.ClaimNext, issue 11), for its run's server row, with the
            supervisor's checks: the row running and not quiet, the job due,
            not held back; and its deadline a heartbeat away; never with a give
-           back (it could claim the job it gives back). Whether the
-           supervisor still lets it (C0 once it drains) is left open: the
-           slot may chain in any mode, which covers the C0 in flight. */
+           back (it could claim the job it gives back). Whether a stop
+           notice reached it (the drain's makes it retire) is left open: the
+           slot may chain in any mode, which covers a notice in flight. */
         next = NONE;
         if
         :: res != DB_FAIL && done && run_result[s] != RES_GIVEBACK && run_left[s] >= HB && rstate[run_row[s]] == R_RUN && !quiet[s] ->
@@ -809,7 +809,7 @@ end_serve:
                        kill_after from now: a supervisor frozen after the
                        commit cannot keep them running past the hold. */
                     if
-                    :: run_child[s] && run_left[s] > KILL_AFTER -> run_left[s] = KILL_AFTER
+                    :: run_child[s] && run_left[s] > KILL_AFTER + HOLD_MARGIN / 2 -> run_left[s] = KILL_AFTER + HOLD_MARGIN / 2
                     :: else -> skip
                     fi;
 #endif

@@ -22,11 +22,11 @@ its job's outcome is recorded it stays, and so does its job process, and
 runs the next callable job, so a short job costs no fork. It claims that
 job itself, for its server, in the transaction that records the outcome
 (storage.ClaimNext: one commit per job instead of two, and no round trip
-through the supervisor), while the supervisor lets it (`C1`/`C0` lines:
-not while it drains or stops) and its deadline is more than a heartbeat
-away; it tells the supervisor in its `exit` message. Otherwise the
-supervisor hands it the next job on the lifeline (`J` line). A slot keeps all three duties for each job; it
-retires (kills its whole tree and exits, like any child) after
+through the supervisor), while its deadline is a heartbeat away or more
+and no stop notice reached its job (a stop notice, the drain's included,
+makes it retire); it tells the supervisor in its `exit` message. Otherwise the supervisor hands it the
+next job on the lifeline (`J` line). A slot keeps all three duties for
+each job; it retires (kills its whole tree and exits, like any child) after
 jobs.max_jobs_per_process jobs, when its job process holds more than
 jobs.max_memory_per_process, and after any run that leaves the process in
 doubt: a stop notice, a timeout, a job that left processes or threads
@@ -35,8 +35,7 @@ exactly as before.
 
 Messages to the supervisor are JSON lines on the results pipe.
 The lifeline carries `S` (stop notice), `T<reason>` (timeout), `R<deadline>`
-(renewal), `C0`/`C1` (a slot may not / may claim its next job) and, to an
-idle slot, `J<next job>` lines.
+(renewal) and, to an idle slot, `J<next job>` lines.
 """
 
 import asyncio
@@ -188,7 +187,6 @@ class Child:
         self.supervisor_gone = False
         self.retired = None  # why this slot's job process runs no more jobs
         self.unrecorded = False  # the last outcome could not be recorded here
-        self.chain_allowed = assignment.chain  # the supervisor's C0/C1
         self.chained = None  # the job this slot claimed with its last outcome
 
     def run(self) -> int:
@@ -379,12 +377,12 @@ class Child:
     def _claim_next(self, kind: str) -> ClaimNext | None:
         """What this slot claims with its outcome, if it may claim: a
         success or a failure (never a give back: it could take back its
-        own job), the supervisor allowing it (not draining nor stopping),
-        its deadline at least a heartbeat away (as for the supervisor's own
-        claims: a job started now must not be fenced before the next
-        renewal)."""
+        own job) in a slot that keeps its job process (so no stop notice
+        reached it: the drain's makes it retire), its deadline at least a
+        heartbeat away (as for the supervisor's own claims: a job started
+        now must not be fenced before the next renewal)."""
         assignment = self.assignment
-        if (kind not in ("succeeded", "failed") or not self.chain_allowed
+        if (kind not in ("succeeded", "failed") or not assignment.chain
                 or clock() > self.deadline - assignment.heartbeat_interval):
             return None
         return ClaimNext(assignment.server_id, assignment.queues, assignment.release, callables_only=True,
@@ -525,8 +523,6 @@ class Child:
                 self.deadline = float(line[1:])
             elif line.startswith(b"J"):
                 self.next_job = line
-            elif line in (b"C0", b"C1"):
-                self.chain_allowed = line == b"C1"
         return True
 
     def _notice_stop(self):

@@ -620,9 +620,13 @@ class Supervisor:
 
     def stop_claiming(self) -> None:
         self.claiming = False
+        # A running slot may still claim its next job with its outcome until
+        # it retires: at the drain's stop notice, or when it is killed. A
+        # claim that lands before the handoff's commit is handed off with
+        # the others; none can land after it (the server is `stopping`).
+        # No message to the children here: 64 of them woken at once beside
+        # the handoff's commit would delay it (docs/benchmarks.md, section 10).
         self.dismiss_idle_slots()
-        for child in self.running.values():
-            child.tell("C0")  # nor may a slot claim its next job (one already in flight is run, or handed off)
 
     def ignore_outcomes(self) -> None:
         """From the handoff commit on, what the children do is not ours to record."""

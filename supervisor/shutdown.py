@@ -68,11 +68,15 @@ def _drain(sup: Supervisor, seconds: float) -> None:
 
 def _fence_children(sup: Supervisor, kill_after: float) -> None:
     """Before the handoff commits, bring every child's deadline down to
-    kill_after from now. The hold lasts kill_after + HOLD_MARGIN_S from the
-    commit, so even if this process is frozen or starved right after the
-    commit, the old runs are dead before the hold ends (found by the model:
-    docs/design.md, "The model", neg_hold_not_fenced)."""
-    deadline = min(sup.fence_deadline(), sup.clock() + kill_after)
+    kill_after + HOLD_MARGIN_S / 2 from now. The hold lasts kill_after +
+    HOLD_MARGIN_S from the commit, so even if this process is frozen or
+    starved right after the commit, the old runs are dead before the hold
+    ends (found by the model: docs/design.md, "The model",
+    neg_hold_not_fenced). Not sooner: with kill_after 0s, 64 children that
+    all killed their jobs at once beside the commit made it take 300 ms
+    instead of 10 (docs/benchmarks.md, section 10); the supervisor kills
+    them itself right after the commit (_stop_children)."""
+    deadline = min(sup.fence_deadline(), sup.clock() + kill_after + HOLD_MARGIN_S / 2)
     for child in sup.running.values():
         child.renew(deadline)
 

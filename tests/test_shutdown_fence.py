@@ -6,7 +6,7 @@ import os
 from types import SimpleNamespace
 
 from supervisor.children import RunningJob
-from supervisor.shutdown import _fence_children
+from supervisor.shutdown import HOLD_MARGIN_S, _fence_children
 
 
 def _child_with_lifeline():
@@ -23,13 +23,17 @@ def _deadline_sent(read_end) -> float:
     return float(line[1:])
 
 
-def test_children_get_a_deadline_of_kill_after_before_the_handoff():
+def test_children_get_a_deadline_inside_the_hold_before_the_handoff():
+    """kill_after + half the margin from now: before the hold (kill_after +
+    HOLD_MARGIN_S from the commit, which comes later) ends, and not at once,
+    so the children do not all kill their jobs beside the commit."""
     child, lifeline = _child_with_lifeline()
     sup = SimpleNamespace(running={1: child}, fence_deadline=lambda: 600.0, clock=lambda: 500.0)
     _fence_children(sup, kill_after=2.0)
     sent = _deadline_sent(lifeline)
     child.close()
-    assert sent == 502.0
+    assert sent == 502.0 + HOLD_MARGIN_S / 2
+    assert 502.0 < sent < 502.0 + HOLD_MARGIN_S  # the earliest end of the hold
 
 
 def test_an_earlier_heartbeat_deadline_is_kept():

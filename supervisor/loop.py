@@ -402,39 +402,55 @@ class Supervisor:
                 self.slots.pop(pid).close()
             child = self.running.pop(pid, None)
             if child is not None:
-                child.status = status
                 child.read()
                 child.close()
-                self._finish(child)
+                self._finish_reaped(child, status)
 
-    def _next_in_slot(self, child: RunningJob) -> RunningJob | None:
+    def _finish_reaped(self, child: RunningJob, status: int) -> None:
+        """A child exited and was reaped, its messages read: finish its run,
+        and the runs of the jobs it claimed and ran since we last read it
+        (a slot may have claimed one with an outcome and run it to its end
+        before we saw either); `status` is the last run's."""
+        while child.ended_in_slot() and (after := self._next_in_slot(child, exited=True)) is not None:
+            self._finish(child)
+            child = after
+        child.status = status
+        self._finish(child)
+
+    def _next_in_slot(self, child: RunningJob, exited: bool = False) -> RunningJob | None:
         """After a job ended in a slot: the run of the job the slot claimed
         with its outcome, now running (returned, to read on: the slot may
         have said more already); or the slot waits, idle, for a `J` line,
-        or retires."""
+        or retires. `exited`: the slot's process is gone already, and so
+        is the run it went on to (returned, for the caller to finish)."""
         slot = child.idle_slot()
         chained = child.chained()
+        successor = None
         if chained is not None:
             job, refused = chained
-            successor = child.successor(job, self.clock())
             if refused:  # the slot did not start it: the supervisor's refusal, as in _start_job
                 self._refuse(job, refused)
             else:
-                self.running[child.pid] = successor
+                successor = child.successor(job, self.clock())
                 event("job %d (%s) claimed: attempt %d, lease %d, child pid %d (by its reused process, with "
                       "the outcome of job %d)", job.id, job.target, job.attempts, job.lease, child.pid,
                       child.job.id, event="claimed", job=job.id, server=self.server_id)
-                if not slot.retiring:
-                    return successor
-                # We stopped the run before (memory, lost lease, timeout) as
-                # the slot claimed this one: it goes with the slot.
-                successor.given_back = f"its reused process was stopped at the end of job {child.job.id}"
-                slot.dismiss()
-                successor.lifeline = -1  # closed with the slot's
-                return None
-        self.slots[child.pid] = slot
+                if slot.retiring:
+                    # We stopped the run before (memory, lost lease, timeout)
+                    # as the slot claimed this one: it goes with the slot.
+                    successor.given_back = f"its reused process was stopped at the end of job {child.job.id}"
+        if exited:
+            return successor
+        if successor is None:
+            self.slots[child.pid] = slot
+        else:
+            self.running[child.pid] = successor
+            if not slot.retiring:
+                return successor
         if slot.retiring:
             slot.dismiss()  # it may not know (a timeout's notice that crossed its end)
+            if successor is not None:
+                successor.lifeline = -1  # closed with the slot's
         return None
 
     def _finish(self, child: RunningJob) -> None:

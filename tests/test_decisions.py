@@ -220,3 +220,62 @@ def test_a_handoff_that_cannot_be_committed_exits_1_and_never_releases_a_hold():
     sup = stopping_supervisor(storage)
     assert shut_down(sup) == 1
     assert [call[0] for call in storage.calls] == ["handoff", "kill_all"]  # children die all the same
+
+
+# --- runs a slot claimed itself (chained claims) ------------------------------------------
+
+class OutcomeStorage:
+    """Records the outcome writes the supervisor makes itself."""
+
+    def __init__(self):
+        self.calls = []
+
+    def fail(self, job_id, lease, server_id, error, **options):
+        self.calls.append(("fail", job_id, error))
+        return "failed"
+
+    def give_back(self, job_id, lease, server_id, reason):
+        self.calls.append(("give_back", job_id, reason))
+        return "enqueued"
+
+
+def chained_exit(next_job, recorded="succeeded"):
+    from supervisor.jobprocess import encode_next_job
+
+    return {"event": "exit", "code": None, "how": "its code ended", "next": True, "outcome": "succeeded",
+            "recorded": recorded, "chained": encode_next_job(next_job, "s1", 99.0).decode()}
+
+
+def slot_supervisor():
+    sup = supervisor()
+    sup.storage, sup.server_id = OutcomeStorage(), "s1"
+    return sup
+
+
+def test_a_slot_reaped_before_it_was_read_ends_the_runs_it_claimed_too():
+    """The slot recorded job 7, claimed job 8 with that outcome, ran it and
+    died of it, all before the supervisor read a line: job 8 is failed by
+    the supervisor, not left `processing` with no run."""
+    sup = slot_supervisor()
+    second = a_job(id=8, lease=1)
+    child = run(messages=[chained_exit(second), {"event": "took", "job": 8},
+                          ended(-11, "killed by SIGSEGV") | {"next": False}], slot=True)
+    sup._finish_reaped(child, status=11)
+    assert sup.storage.calls == [("fail", 8, "the job's process ended without a result (killed by SIGSEGV)")]
+
+
+def test_a_slot_read_alive_hands_over_to_the_run_of_the_job_it_claimed():
+    sup = slot_supervisor()
+    child = run(messages=[chained_exit(a_job(id=8, lease=1)), {"event": "took", "job": 8}], slot=True)
+    sup.running[child.pid] = child
+    successor = sup._next_in_slot(child)
+    assert sup.running[child.pid] is successor and successor.job.id == 8
+    assert successor.messages == [{"event": "took", "job": 8}] and not sup.slots and sup.storage.calls == []
+
+
+def test_a_job_claimed_by_a_slot_we_were_killing_is_given_back_not_failed():
+    sup = slot_supervisor()
+    child = run(messages=[chained_exit(a_job(id=8, lease=1)), {"event": "took", "job": 8}], slot=True,
+                kill_reason="memory limit exceeded")
+    sup._finish_reaped(child, status=9)
+    assert sup.storage.calls == [("give_back", 8, "its reused process was stopped at the end of job 7")]

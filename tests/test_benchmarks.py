@@ -2,12 +2,27 @@
 not asserted here: they belong in docs/benchmarks.md."""
 
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import BASE_URLS, REPO_ROOT, SESSION_DB, _admin
+
+# A database of this test session's own, not the one a benchmark run beside
+# the suite drops and creates (benchmarks/procs.py).
+BENCH_DB = SESSION_DB + "_bench"
+BENCH_ENV = dict(os.environ, SHIFTCHANGE_BENCH_DB=BENCH_DB)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_the_bench_database():
+    yield
+    try:
+        _admin(BASE_URLS["postgresql"], f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+    except Exception:
+        pass  # best effort: PostgreSQL may be down, the next run with this pid drops it first
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +31,7 @@ pytestmark = pytest.mark.slow
 def test_the_quick_benchmarks_run_and_print_one_json_line_per_measurement():
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "run", "--quick", "--db", "sqlite,postgresql"],
-        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=BENCH_ENV,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines()]

@@ -14,11 +14,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
     Float,
     Integer,
     Text,
     and_,
+    any_,
     bindparam,
     cast,
     delete,
@@ -336,8 +338,16 @@ class Storage:
         if not keys:
             return {}
         holders = {}
-        for row in conn.execute(select(jobs.c.id, jobs.c.state, jobs.c.unique_active)
-                                .where(jobs.c.unique_active.in_(sorted(keys)))):
+        if conn.dialect.name == "postgresql":
+            # One array parameter, not an IN list of 100: psycopg prepares a
+            # statement run 5 times, and the generic plan PostgreSQL keeps for
+            # an IN list of parameters was a sequential scan planned while the
+            # table was small, re-run for every batch as it grew (100,000 jobs
+            # with 10 % keys: 7,700 jobs/s, 18,000 without keys).
+            held = jobs.c.unique_active == any_(cast(bindparam("keys", sorted(keys)), ARRAY(jobs.c.unique_active.type)))
+        else:
+            held = jobs.c.unique_active.in_(sorted(keys))
+        for row in conn.execute(select(jobs.c.id, jobs.c.state, jobs.c.unique_active).where(held)):
             if row.state in ACTIVE_STATES:
                 holders[row.unique_active] = row.id
             else:

@@ -127,6 +127,21 @@ def db_url(request, tmp_path):
     return database_url(request.param, tmp_path)
 
 
+@pytest.fixture(params=["postgresql", "mariadb"])
+def server_db_url(request, tmp_path):
+    """For what only a database server can show (a row lock that leaves the
+    heartbeat free, a network between): PostgreSQL and MariaDB."""
+    return database_url(request.param, tmp_path)
+
+
+@pytest.fixture
+def server_queue(server_db_url):
+    from supervisor import Queue
+
+    with Queue(server_db_url) as q:
+        yield q
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def e2e_db_url(request, tmp_path):
     """End-to-end scenarios run on SQLite and PostgreSQL."""

@@ -32,13 +32,6 @@ PARTITION = {
 BOUNDS = bounds_for(HEARTBEAT, DEAD_AFTER)
 
 
-@pytest.fixture(params=["postgresql", "mariadb"])
-def server_db_url(request, tmp_path):
-    from conftest import database_url
-
-    return database_url(request.param, tmp_path)
-
-
 @pytest.fixture
 def relay(server_db_url):
     url = make_url(server_db_url)

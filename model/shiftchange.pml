@@ -159,8 +159,9 @@ byte pend_kind[NS];          /* RES_SUCC, RES_FAIL or RES_GIVEBACK */
 byte pend_job[NS] = NONE;
 bool pend_lease[NS];
 
-/* Supervisor.claims_in_doubt: a job the slot's outcome write claimed
-   although the slot saw that write fail (it committed: DB_LOST). */
+/* A pending outcome whose claim is in doubt (Supervisor._record): a job
+   the slot's outcome write claimed although the slot saw that write fail
+   (it committed: DB_LOST). */
 byte orphan[NS] = NONE;
 bool orphan_ok[NS];          /* its lease is the one that claim gave it */
 

@@ -24,9 +24,9 @@ job itself, for its server, in the transaction that records the outcome
 (storage.ClaimNext: one commit per job instead of two, and no round trip
 through the supervisor), while its deadline is a heartbeat away or more
 and no stop notice reached its job (a stop notice, the drain's included,
-makes it retire); it tells the supervisor in its `exit` message. Otherwise the supervisor hands it the
-next job on the lifeline (`J` line). A slot keeps all three duties for
-each job; it retires (kills its whole tree and exits, like any child) after
+makes it retire); it tells the supervisor in its `exit` message.
+Otherwise the supervisor hands it the next job on the lifeline (`J`
+line). A slot keeps all three duties for each job; it retires (kills its whole tree and exits, like any child) after
 jobs.max_jobs_per_process jobs, when its job process holds more than
 jobs.max_memory_per_process, and after any run that leaves the process in
 doubt: a stop notice, a timeout, a job that left processes or threads
@@ -105,7 +105,6 @@ class Assignment:
     sqlite_synchronous: str = "full"  # database.sqlite_synchronous, for engines built here
     # A slot claims its next job itself (see ClaimNext) for its server's
     # queues and release, while its deadline is a heartbeat away or more.
-    chain: bool = False
     queues: tuple[str, ...] = ()
     release: str | None = None
     heartbeat_interval: float = 1.0
@@ -264,10 +263,14 @@ class Child:
         if self.assignment.job.kind == "command":
             said.setdefault("result", self._command_result(code))  # for the supervisor to record
         if self.chained is not None:
-            said["chained"] = encode_next_job(self.chained, self.assignment.server_id, self.deadline).decode()
-            refused = self._refusal(self.chained)
+            job, self.chained = self.chained, None
+            line = encode_next_job(job, self.assignment.server_id, self.deadline)
+            said["chained"] = line.decode()
+            refused = self._refusal(job)
             if refused:  # claimed, but not for this slot to run: the supervisor records the refusal
-                said["refused"], self.chained = refused, None
+                said["refused"] = refused
+            else:
+                self.next_job = line  # _take_next_job runs it without waiting
         send(self.results, event="exit", how=how, code=code, stop_noticed=self.stop_noticed, next=keep,
              retired=self.retired, **said)
         return keep
@@ -306,10 +309,7 @@ class Child:
         """Wait, idle, for the supervisor's next job and pass it to the job
         process. False when there will be none: the supervisor closed the
         lifeline (it is gone, or stopping), or the job process died. A job
-        this slot claimed itself needs no wait."""
-        if self.chained is not None:
-            self.next_job = encode_next_job(self.chained, self.assignment.server_id, self.deadline)
-            self.chained = None
+        this slot claimed itself is there already (_report)."""
         while self.next_job is None:
             try:
                 ready, _, _ = select.select([self.lifeline, self.wakeup, self.outcome_r], [], [])
@@ -382,8 +382,7 @@ class Child:
         heartbeat away (as for the supervisor's own claims: a job started
         now must not be fenced before the next renewal)."""
         assignment = self.assignment
-        if (kind not in ("succeeded", "failed") or not assignment.chain
-                or clock() > self.deadline - assignment.heartbeat_interval):
+        if kind not in ("succeeded", "failed") or clock() > self.deadline - assignment.heartbeat_interval:
             return None
         return ClaimNext(assignment.server_id, assignment.queues, assignment.release, callables_only=True,
                          after=(assignment.job.id, assignment.job.lease))

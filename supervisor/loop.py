@@ -74,11 +74,10 @@ class Supervisor:
         self.idle = True  # the last claim found nothing
         self.notified = False  # a NOTIFY came since the last claim
         self.dropping = False  # outcomes are not ours to record any more
-        self.claims_in_doubt: set[tuple[int, int]] = set()  # see _give_back_claims_of
         self.exit_requested = False
         self.draining = False  # shutdown step 2: the loop runs, claiming has stopped
-        # outcomes to record: (job, kind, error, result JSON)
-        self.pending: list[tuple[Job, str, str | None, str | None]] = []
+        # outcomes to record: (job, kind, error, result JSON, claim in doubt: see _record)
+        self.pending: list[tuple[Job, str, str | None, str | None, bool]] = []
         self.last_beat_sent = self.clock()
         self.beat_failing_since: float | None = None
         self.fenced = False  # we killed our children for want of a heartbeat
@@ -336,7 +335,7 @@ class Supervisor:
 
     def _refuse(self, job, why: str) -> None:
         event("job %d (%s) refused: %s", job.id, job.target, why, level=logging.WARNING, event="refused", job=job.id)
-        self.pending.append((job, "refused", why, None))
+        self.pending.append((job, "refused", why, None, False))
         self.record_pending()
 
     def _assignment(self, job) -> Assignment:
@@ -346,7 +345,7 @@ class Supervisor:
                           import_path=self.import_path, reuse=jobs.reuse_processes and job.kind == "callable",
                           max_jobs=jobs.max_jobs_per_process, max_memory=jobs.max_memory_per_process,
                           scheduling=jobs.scheduling, sqlite_synchronous=self.config.database.sqlite_synchronous,
-                          chain=jobs.reuse_processes and self.claiming, queues=tuple(self.config.server.queues),
+                          queues=tuple(self.config.server.queues),
                           release=self.config.server.release,
                           heartbeat_interval=self.config.server.heartbeat_interval)
 
@@ -468,32 +467,30 @@ class Supervisor:
                   why, event="dropped", job=child.job.id)
             return
         self.next_claim = self.clock()
-        if child.claim_in_doubt():
-            self.claims_in_doubt.add((child.job.id, child.job.lease))
-        self.pending.append((child.job, kind, error, child.result()))
+        self.pending.append((child.job, kind, error, child.result(), child.claim_in_doubt()))
         self.record_pending()
 
     def record_pending(self) -> None:
         """Write finished jobs' outcomes, fenced by their lease. Kept in
         memory and retried while the database is unreachable."""
         while self.pending:
-            job, kind, error, result = self.pending[0]
+            job = self.pending[0][0]
             try:
-                self._record(job, kind, error, result)
+                self._record(*self.pending[0])
             except StorageUnavailable as exc:
                 event("cannot record job %d yet: %s", job.id, exc, level=logging.WARNING,
                       event="db_unreachable", job=job.id)
                 return
             self.pending.pop(0)
 
-    def _record(self, job, kind: str, error: str | None, result: str | None = None) -> None:
+    def _record(self, job, kind: str, error: str | None, result: str | None, claim_in_doubt: bool) -> None:
+        """One pending outcome. `claim_in_doubt`: the run's slot gave up on
+        its own write of it, which would also claim the slot's next job."""
         state = write_outcome(self.storage, job, self.server_id, kind, error, self.config.jobs.retry_backoff,
                               result)
         self._log_outcome(job, kind, error, state)
-        if (job.id, job.lease) in self.claims_in_doubt:
-            if state == "stale":
-                self._give_back_claims_of(job)
-            self.claims_in_doubt.discard((job.id, job.lease))
+        if claim_in_doubt and state == "stale":
+            self._give_back_claims_of(job)
 
     def _give_back_claims_of(self, job) -> None:
         """Our write of a run's outcome was refused as stale, and its slot

@@ -82,7 +82,7 @@ def record_finished_run(open_storage, job, server_id: str, kind: str, error: str
         while True:
             try:
                 storage = open_storage()
-                settled = in_doubt and storage.settled_claim(job.id, job.lease, server_id, then_claim)
+                settled = in_doubt and storage.settled_claim(then_claim)
                 outcome.append(settled or write_outcome(storage, job, server_id, kind, error, retry_backoff, result,
                                                         then_claim))
                 return

@@ -205,7 +205,7 @@ class ClaimNext:
     limit: int = 1
     callables_only: bool = False
     after: tuple[int, int] | None = None  # (job id, lease) of the run whose outcome this claim goes with
-    claimed: list = None  # the jobs taken, once the transaction committed
+    claimed: list = None  # the jobs taken: read it only once the write returned (committed)
 
     def marker(self) -> str:
         """Ends the `claimed` event's detail: which run's write claimed it
@@ -651,7 +651,7 @@ class Storage:
             # Read under a share lock of the server row, which the handoff
             # and the reaper update: a claim and a handoff of one server
             # are serialized, so no claim lands after its jobs were taken back.
-            server = conn.execute(_claiming_server(self.locks_rows), {"server_id": wanted.server_id}).first()
+            server = conn.execute(_CLAIMING_SERVER, {"server_id": wanted.server_id}).first()
             if server is None or server.state != "running" or server.quiet:
                 return []
         # A paused queue's jobs stay enqueued (_due reads the pause in
@@ -817,7 +817,6 @@ class Storage:
         """The claim of an outcome's write (if asked); its events."""
         if wanted is None:
             return []
-        wanted.claimed = None  # set only by a transaction that gets this far
         wanted.claimed = self._claim_in(conn, wanted)
         return _claimed_events(wanted.claimed, wanted)
 
@@ -828,23 +827,24 @@ class Storage:
         runs only a claim it saw commit, so such a job runs nowhere. Each
         job given back, with its new state."""
         wanted = ClaimNext(server_id, (), after=(job_id, lease))
-        if self.settled_claim(job_id, lease, server_id, wanted) is None:
+        if self.settled_claim(wanted) is None:
             return []
         reason = f"claimed with the outcome of job {job_id} by a reused process that had given up on that write"
         return [(job, self.give_back(job.id, job.lease, server_id, reason)) for job in wanted.claimed]
 
-    def settled_claim(self, job_id: int, lease: int, server_id: str, wanted: ClaimNext) -> str | None:
-        """After an outcome write with a claim (`wanted`) failed with its
-        commit in doubt: None when it did not commit (the job is still
-        processing under `lease`: write again). Otherwise the job's state
-        ("stale" when its lease moved on: someone else took it), and
-        wanted.claimed the jobs that write claimed and this server still
-        holds under that claim's lease, found by their `claimed` event."""
+    def settled_claim(self, wanted: ClaimNext) -> str | None:
+        """After the write of the outcome of run `wanted.after` (job id,
+        lease) with the claim `wanted` failed with its commit in doubt: None
+        when it did not commit (the job is still processing under that
+        lease: write again). Otherwise the job's state ("stale" when its
+        lease moved on: someone else took it), and wanted.claimed the jobs
+        that write claimed and this server still holds under that claim's
+        lease, found by their `claimed` event."""
+        (job_id, lease), server_id = wanted.after, wanted.server_id
         with self._read() as conn:
             row = conn.execute(select(jobs.c.state, jobs.c.lease).where(jobs.c.id == job_id)).first()
             if row is not None and row.state == "processing" and row.lease == lease:
                 return None
-            wanted.after = (job_id, lease)
             claims = conn.execute(
                 select(events.c.job_id, events.c.detail).where(
                     events.c.kind == "claimed", events.c.server_id == server_id,
@@ -1405,10 +1405,9 @@ _CLAIMER_RUNNING = exists().where(servers.c.id == bindparam("claimer"), servers.
                                   servers.c.quiet == false())
 
 
-@functools.lru_cache(maxsize=2)
-def _claiming_server(locks_rows: bool):
-    query = select(servers.c.state, servers.c.quiet).where(servers.c.id == bindparam("server_id"))
-    return query.with_for_update(read=True) if locks_rows else query
+# Other databases' claim: the server's row, under a share lock (see _claim_in).
+_CLAIMING_SERVER = (select(servers.c.state, servers.c.quiet).where(servers.c.id == bindparam("server_id"))
+                    .with_for_update(read=True))
 
 
 @functools.lru_cache(maxsize=64)

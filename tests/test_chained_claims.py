@@ -87,10 +87,10 @@ def test_what_a_write_given_up_on_claimed_is_found_and_given_back(q):
     first, second = q.enqueue("app:a"), q.enqueue("app:b")
     running = claim_one(q, server)
     probe = chain(server, running)
-    assert q.storage.settled_claim(running.id, running.lease, server, probe) is None  # not committed: write again
+    assert q.storage.settled_claim(probe) is None  # not committed: write again
     late = chain(server, running)
     assert q.storage.complete(running.id, running.lease, server, None, late)  # the write that landed unseen
-    assert q.storage.settled_claim(running.id, running.lease, server, probe) == "succeeded"
+    assert q.storage.settled_claim(probe) == "succeeded"
     assert [j.id for j in probe.claimed] == [second.id]
     (given, state), = q.storage.give_back_claims_of(running.id, running.lease, server)
     back = q.get(second.id)

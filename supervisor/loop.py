@@ -150,7 +150,9 @@ class Supervisor:
         database, reap our own dead previous incarnation, register. False
         when a stop signal came first. An error that retrying cannot fix
         (no such database, authentication failed) is raised at once."""
-        give_up_at = self.clock() + self.config.database.retry_for
+        # database.retry_for counts from the first failure, not from start-up:
+        # a run slow to start (a loaded host) still retries before giving up.
+        give_up_at = None
         delay = 0.2
         engine = make_engine(self.config.database.url, bounds=self.db_bounds,
                              sqlite_synchronous=self.config.database.sqlite_synchronous)
@@ -165,6 +167,8 @@ class Supervisor:
             except StorageRefused:
                 raise
             except StorageUnavailable as exc:
+                if give_up_at is None:
+                    give_up_at = self.clock() + self.config.database.retry_for
                 if self.clock() + delay > give_up_at:
                     raise StorageUnavailable(
                         f"{exc} (gave up after database.retry_for = {self.config.database.retry_for:g}s)"

@@ -163,6 +163,7 @@ class Supervisor:
                 self.wakeups = Wakeups(engine)
                 self._reap_previous_incarnation()
                 self._register()
+                self.storage.prepare_handoff()  # nothing slow at SIGTERM
                 return True
             except StorageRefused:
                 raise

@@ -22,6 +22,7 @@ from sqlalchemy import (
     and_,
     any_,
     bindparam,
+    case,
     cast,
     delete,
     exists,
@@ -224,6 +225,8 @@ class Storage:
         # SQLite has one writer at a time; the others lock the rows they take.
         self.locks_rows = engine.dialect.name != "sqlite"
         self.notifies = engine.dialect.name == "postgresql"
+        # PostgreSQL takes jobs back in one statement (data-modifying CTEs).
+        self.takes_back_in_one = engine.dialect.name == "postgresql"
 
     @contextmanager
     def _transaction(self, write: bool):
@@ -233,6 +236,16 @@ class Storage:
                     conn.execution_options(sqlite_begin="IMMEDIATE")
                 with conn.begin():
                     yield conn
+        except (OperationalError, InterfaceError) as exc:
+            raise unavailable(self.engine, exc) from None
+
+    @contextmanager
+    def _single_statement(self):
+        """A connection whose every statement commits by itself: a write
+        that is one statement takes one round trip (no BEGIN, no COMMIT)."""
+        try:
+            with self.engine.connect() as conn:
+                yield conn.execution_options(isolation_level="AUTOCOMMIT")
         except (OperationalError, InterfaceError) as exc:
             raise unavailable(self.engine, exc) from None
 
@@ -901,7 +914,7 @@ class Storage:
         once as an interruption, not a failure. Returns the new state or
         "stale"."""
         with self._write() as conn:
-            taken = self._take_back(conn, self._fenced(job_id, lease), "handed_off", lambda _: reason, 0.0)
+            taken = self._take_back(conn, self._fenced(job_id, lease), "handed_off", reason, 0.0)
             if not taken:
                 self._refuse_stale(conn, job_id, lease, server_id, "hand-off")
                 return "stale"
@@ -910,12 +923,30 @@ class Storage:
 
     # handoff and reaping -----------------------------------------------------
 
-    def _take_back(self, conn, which, kind: str, why, hold: float) -> list[Requeued]:
+    def _take_back(self, conn, which, kind: str, why: str, hold: float, stopping=None) -> list[Requeued]:
         """Requeue the processing jobs matched by `which`: new lease, one more
         interruption, the attempt given back, claimable from now + `hold`,
         and left by servers of the release it ran on to those of another
         release until hold + release_window from now (see claim). A job
-        past max_interruptions is failed as poison instead."""
+        past max_interruptions is failed as poison instead. Each gets an
+        event of `kind` saying `why` ("{server}" in it: the id of the
+        server it was taken from). The servers in `stopping` become
+        `stopping` in the same write (a handoff).
+
+        A few statements whatever the number of jobs: a handoff under full
+        CPU load waits for a CPU at every round trip (docs/benchmarks.md,
+        section 10). PostgreSQL does it all in one (_pg_take_back); the
+        others lock the rows, record the events from them, then update them."""
+        values = dict(event_kind=kind, why=why, hold=hold, window=self.release_window)
+        if self.takes_back_in_one:
+            statement = _PG_HANDOFF if stopping is not None else _pg_take_back(which, stopping=False)
+            rows = conn.execute(statement, dict(values, ids=list(stopping or ()))).all()
+            return [Requeued(row.id, row.lease, row.failed, row.server_id) for row in rows]
+        if stopping is not None:
+            conn.execute(
+                update(servers).where(servers.c.id.in_(list(stopping)), servers.c.state == "running")
+                .values(state="stopping")
+            )
         rows = conn.execute(
             self._for_update(
                 select(jobs.c.id, jobs.c.lease, jobs.c.server_id, jobs.c.interruptions,
@@ -923,77 +954,32 @@ class Storage:
                 .where(which, jobs.c.state == "processing")
             )
         ).all()
-        taken = [
-            Requeued(row.id, row.lease + 1, row.interruptions + 1 > row.max_interruptions, row.server_id)
-            for row in rows
-        ]
-        requeue = [job.id for job in taken if not job.failed]
-        poison = [job.id for job in taken if job.failed]
-        common = dict(
-            lease=jobs.c.lease + 1,
-            interruptions=jobs.c.interruptions + 1,
-            attempts=jobs.c.attempts - 1,
-        )
-        # A zero window records no preference at all (the job moves at once
-        # when its hold is released early, as before releases existed).
-        releases = {}
-        if self.release_window > 0:
-            releases = self._releases_of(conn, {row.server_id for row in rows if row.id in requeue})
-        by_release: dict[str | None, list[int]] = {}
-        for row in rows:
-            if row.id in requeue:
-                by_release.setdefault(releases.get(row.server_id), []).append(row.id)
-        for release, ids in by_release.items():  # one release, nearly always
-            conn.execute(
-                update(jobs).where(jobs.c.id.in_(ids))
-                .values(
-                    state="enqueued", server_id=None, run_at=db_now() + hold, **common,
-                    avoid_release=release,
-                    avoid_until=None if release is None else db_now() + hold + self.release_window,
-                )
-            )
-        if poison:
-            conn.execute(
-                update(jobs).where(jobs.c.id.in_(poison))
-                .values(
-                    state="failed", finished_at=db_now(), unique_active=None,
-                    error="interrupted more often than max_interruptions allows "
-                    "(its server stopped or died while it ran, every time)",
-                    **common,
-                )
-            )
-        self._record(
-            conn,
-            [
-                dict(job_id=row.id, kind="failed" if job.failed else kind, server_id=row.server_id,
-                     detail=why(row) + (" (past max_interruptions: failed)" if job.failed else ""))
-                for row, job in zip(rows, taken)
-            ],
-        )
-        return taken
-
-    def _releases_of(self, conn, server_ids) -> dict[str, str | None]:
-        """{server id: release} of these servers (a plain read: the rows of
-        live servers are not locked by a take-back)."""
-        ids = [sid for sid in server_ids if sid is not None]
-        if not ids:
-            return {}
-        return dict(conn.execute(select(servers.c.id, servers.c.release).where(servers.c.id.in_(ids))).all())
+        if not rows:
+            return []
+        ids = [row.id for row in rows]
+        conn.execute(_RECORD_TAKEN, dict(values, ids=ids))  # before the update: it reads server_id
+        conn.execute(_TAKE_BACK, dict(values, ids=ids))
+        return [Requeued(row.id, row.lease + 1, row.interruptions + 1 > row.max_interruptions, row.server_id)
+                for row in rows]
 
     def handoff(self, server_ids, hold: float, reason: str) -> list[Requeued]:
         """Step one of a graceful stop, in ONE transaction: the server(s)
         become `stopping` and each of their processing jobs is requeued (see
         _take_back) but held until `hold` seconds from now by the database
         clock, so the old run can be killed before another server starts it.
-        From the commit on, nothing those servers ran can be lost."""
+        From the commit on, nothing those servers ran can be lost. On
+        PostgreSQL the transaction is one statement that commits by itself:
+        one round trip."""
         ids = [server_ids] if isinstance(server_ids, str) else list(server_ids)
-        with self._write() as conn:
-            conn.execute(
-                update(servers)
-                .where(servers.c.id.in_(ids), servers.c.state == "running")
-                .values(state="stopping")
-            )
-            return self._take_back(conn, jobs.c.server_id.in_(ids), "handed_off", lambda _: reason, hold)
+        write = self._single_statement if self.takes_back_in_one else self._write
+        with write() as conn:
+            return self._take_back(conn, jobs.c.server_id.in_(ids), "handed_off", reason, hold, stopping=ids)
+
+    def prepare_handoff(self) -> None:
+        """A handoff of no server: it changes nothing, and it leaves the
+        handoff's statements compiled (SQLAlchemy's cache), so that the
+        real one at SIGTERM does not spend milliseconds compiling them."""
+        self.handoff([], 0.0, "")
 
     def release_handoff(self, server_id: str, held: list[Requeued]) -> None:
         """Step two: the old runs are dead, so the held jobs may start now
@@ -1039,7 +1025,7 @@ class Storage:
             )
             taken = self._take_back(
                 conn, ~alive, "reaped",
-                lambda row: f"server {row.server_id} stopped heartbeating", 0.0,
+                "server {server} stopped heartbeating", 0.0,
             )
             if taken:
                 self._wake(conn)
@@ -1055,7 +1041,7 @@ class Storage:
                 .values(state="dead", stopped_at=db_now())
             )
             self._wake(conn)
-            return self._take_back(conn, jobs.c.server_id == server_id, "reaped", lambda _: reason, 0.0)
+            return self._take_back(conn, jobs.c.server_id == server_id, "reaped", reason, 0.0)
 
     def lost_leases(self, server_id: str, leases: dict[int, int]) -> list[int]:
         """Of the jobs this server runs ({id: lease}), those it does not
@@ -1369,6 +1355,87 @@ def _with_server_name(table):
 
 
 _INSERT_EVENTS = insert(events).values(at=db_now())
+POISON_ERROR = ("interrupted more often than max_interruptions allows "
+                "(its server stopped or died while it ran, every time)")
+POISON_NOTE = " (past max_interruptions: failed)"
+
+
+def _taken_back_values() -> list[tuple]:
+    """What a take-back sets on each job row (see Storage._take_back), from
+    the row's values before it; parameters `hold` and `window`. In this
+    order: MySQL/MariaDB evaluate an UPDATE's assignments left to right,
+    each seeing the ones before it, so the columns that the others read
+    (server_id, interruptions) are set last."""
+    requeued = jobs.c.interruptions + 1 <= jobs.c.max_interruptions
+    hold, window = bindparam("hold", type_=Float), bindparam("window", type_=Float)
+    # A zero window records no preference at all (the job moves at once when
+    # its hold is released early, as before releases existed).
+    release = case((window > 0,
+                    select(servers.c.release).where(servers.c.id == jobs.c.server_id).scalar_subquery()))
+    return [
+        (jobs.c.state, case((requeued, "enqueued"), else_="failed")),
+        (jobs.c.run_at, case((requeued, db_now() + hold), else_=jobs.c.run_at)),
+        (jobs.c.avoid_release, case((requeued, release), else_=jobs.c.avoid_release)),
+        (jobs.c.avoid_until, case((requeued, case((release.is_not(None), db_now() + hold + window))),
+                                  else_=jobs.c.avoid_until)),
+        (jobs.c.finished_at, case((requeued, jobs.c.finished_at), else_=db_now())),
+        (jobs.c.unique_active, case((requeued, jobs.c.unique_active), else_=None)),
+        (jobs.c.error, case((requeued, jobs.c.error), else_=POISON_ERROR)),
+        (jobs.c.server_id, case((requeued, None), else_=jobs.c.server_id)),
+        (jobs.c.lease, jobs.c.lease + 1),
+        (jobs.c.attempts, jobs.c.attempts - 1),
+        (jobs.c.interruptions, jobs.c.interruptions + 1),
+    ]
+
+
+def _taken_back_event(job_id, server_id, failed):
+    """The columns of a taken-back job's event; parameters `event_kind`
+    and `why` (whose "{server}" becomes the server's id)."""
+    detail = func.replace(bindparam("why", type_=Text), "{server}", server_id)
+    return (job_id, db_now(), case((failed, "failed"), else_=bindparam("event_kind", type_=Text)),
+            server_id, case((failed, detail + POISON_NOTE), else_=detail))
+
+
+_EVENT_COLUMNS = ["job_id", "at", "kind", "server_id", "detail"]
+_TAKEN_IDS = jobs.c.id.in_(bindparam("ids", expanding=True))
+# Parameters are not named like columns: SQLAlchemy takes such a parameter
+# of an UPDATE for a value to SET.
+_RECORD_TAKEN = insert(events).from_select(
+    _EVENT_COLUMNS,
+    select(*_taken_back_event(jobs.c.id, jobs.c.server_id, jobs.c.interruptions + 1 > jobs.c.max_interruptions))
+    .where(_TAKEN_IDS),
+)
+_TAKE_BACK = update(jobs).where(_TAKEN_IDS).ordered_values(*_taken_back_values())
+
+
+def _pg_take_back(which, stopping: bool):
+    """Storage._take_back as one PostgreSQL statement: lock the matched
+    rows (a run's own outcome write that got there first wins: the row is
+    then no longer `processing`), update them, record their events, and
+    with `stopping` mark the servers :ids stopping, all through CTEs."""
+    old = (
+        select(jobs.c.id, jobs.c.server_id).where(which, jobs.c.state == "processing")
+        .with_for_update(of=jobs).cte("old")
+    )
+    taken = (
+        update(jobs).where(jobs.c.id == old.c.id).ordered_values(*_taken_back_values())
+        .returning(jobs.c.id, jobs.c.lease, old.c.server_id, (jobs.c.state == "failed").label("failed"))
+        .cte("taken")
+    )
+    recorded = insert(events).from_select(
+        _EVENT_COLUMNS, select(*_taken_back_event(taken.c.id, taken.c.server_id, taken.c.failed))
+    ).cte("recorded")
+    ctes = [recorded]
+    if stopping:
+        ctes.append(
+            update(servers).where(servers.c.id == any_(bindparam("ids", type_=ARRAY(Text))),
+                                  servers.c.state == "running")
+            .values(state="stopping").returning(servers.c.id).cte("stopping")
+        )
+    return select(taken.c.id, taken.c.lease, taken.c.server_id, taken.c.failed).add_cte(*ctes)
+
+
+_PG_HANDOFF = _pg_take_back(jobs.c.server_id == any_(bindparam("ids", type_=ARRAY(Text))), stopping=True)
 _COMPLETE = (
     update(jobs)
     .where(jobs.c.id == bindparam("fenced_id"), jobs.c.lease == bindparam("fenced_lease"), jobs.c.state == "processing")

@@ -262,15 +262,24 @@ def test_release_leaves_a_job_that_changed_meanwhile_alone(queue):
 
 def test_past_max_interruptions_a_job_fails_as_poison(queue):
     register(queue)
-    queue.enqueue("app:f", max_interruptions=1)
+    queue.enqueue("app:f", max_interruptions=1, unique_key="only-one")
     for n in range(2):
         server = register(queue, f"s{n}")
         job = claim_one(queue, server)
         held = queue.storage.handoff(server, 0, "deploy")
+        if n == 0:  # the first interruption is allowed: requeued
+            requeued = queue.get(job.id)
+            assert not held[0].failed
+            assert (requeued.state, requeued.server, requeued.interruptions, requeued.attempts) == \
+                ("enqueued", None, 1, 0)
     assert held[0].failed
     poisoned = queue.get(job.id)
     assert poisoned.state == "failed" and "max_interruptions" in poisoned.error
-    assert poisoned.interruptions == 2
+    assert (poisoned.interruptions, poisoned.attempts, poisoned.lease) == (2, 0, job.lease + 1)
+    assert poisoned.finished_at is not None
+    assert [e.kind for e in poisoned.events][-1] == "failed"
+    assert poisoned.events[-1].detail == "deploy (past max_interruptions: failed)"
+    assert queue.enqueue("app:f", unique_key="only-one") != job.id  # the key is free again
 
 
 def test_reap_requeues_the_jobs_of_silent_servers_only(queue):
@@ -287,6 +296,7 @@ def test_reap_requeues_the_jobs_of_silent_servers_only(queue):
     assert {s.name: s.state for s in queue.storage.servers()} == {"quiet": "dead", "alive": "running"}
     requeued = queue.get(lost.id)
     assert (requeued.state, requeued.interruptions, requeued.events[-1].kind) == ("enqueued", 1, "reaped")
+    assert requeued.events[-1].detail == f"server {quiet} stopped heartbeating"
     assert queue.get(kept.id).state == "processing"
     assert queue.storage.reap() == []  # idempotent
 

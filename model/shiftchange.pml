@@ -30,9 +30,10 @@
  *   BUG_DROP_OUTCOME        the supervisor may forget an outcome its job
  *                           process could not record (breaks no_job_lost)
  *   BUG_HOLD_NOT_FENCED     the shutdown as it was before this model: the
- *                           children keep their heartbeat deadline past the
- *                           handoff's hold (a frozen supervisor then lets a
- *                           second run start); see docs/design.md
+ *                           handoff's hold is kill_after + margin even when
+ *                           the children's heartbeat deadline is later (a
+ *                           frozen supervisor then lets a second run
+ *                           start); see docs/design.md
  *   REL0=, REL1=            the release of supervisor 0 and 1: 0 none,
  *                           1 (A), 2 (B); default A and B
  *   BUG_PREFER_FOREVER      the release preference ignores avoid_until and
@@ -550,6 +551,7 @@ proctype Supervisor(byte s) {
     bool beat_ok;
     bool exit_requested;
     byte res;
+    byte hold;
     byte j;
     byte r;
     byte st;
@@ -805,14 +807,20 @@ end_serve:
             :: else ->
                 /* shut_down step 3: storage.handoff, transaction 1 */
                 atomic {
+                    /* shutdown._hold: until the children are dead even if
+                       this process freezes right after the commit: kill_after,
+                       or their own deadline (fence_deadline(): no heartbeat
+                       renews it from here on) when that is later, plus the
+                       margin (the code's HOLD_MARGIN_S / 2 there; ticks are
+                       whole, so HOLD_MARGIN - HOLD_MARGIN / 2 here). */
 #ifndef BUG_HOLD_NOT_FENCED
-                    /* Before the commit the children's deadline comes down to
-                       kill_after from now: a supervisor frozen after the
-                       commit cannot keep them running past the hold. */
                     if
-                    :: run_child[s] && run_left[s] > KILL_AFTER + HOLD_MARGIN / 2 -> run_left[s] = KILL_AFTER + HOLD_MARGIN / 2
-                    :: else -> skip
+                    :: fence_left[s] + HOLD_MARGIN - HOLD_MARGIN / 2 > SHUTDOWN_HOLD ->
+                        hold = fence_left[s] + HOLD_MARGIN - HOLD_MARGIN / 2
+                    :: else -> hold = SHUTDOWN_HOLD
                     fi;
+#else
+                    hold = SHUTDOWN_HOLD;
 #endif
                     db_call3(res);
                     if
@@ -824,7 +832,7 @@ end_serve:
                         for (j : 0 .. NJ - 1) {
                             if
                             :: jstate[j] == J_PROC && jsrv[j] == sid[s] ->
-                                take_back(j, SHUTDOWN_HOLD);
+                                take_back(j, hold);
                                 held_by[j] = s;
                                 held_ok[j] = true
                             :: else -> skip
@@ -836,7 +844,7 @@ end_serve:
                     /* sup.dropping = True: nothing more is recorded */
                     pend_kind[s] = RES_NONE; pend_job[s] = NONE; pend_lease[s] = false; orphan[s] = NONE; orphan_ok[s] = false;
                     mode[s] = S_KILL;
-                    res = 0; j = 0 }
+                    res = 0; j = 0; hold = 0 }
 #ifdef BUG_RELEASE_EARLY
                 release_handoff(s);
                 stop_children(s);
@@ -1008,9 +1016,10 @@ end:
             fi
         }
         for (j : 0 .. NJ - 1) {
-            /* Property 4: no hold is longer than its bound (kill_after +
-               HOLD_MARGIN_S for a shutdown, dead_after for a requeue or a
-               remote handoff), and it counts down on the database clock. */
+            /* Property 4: no hold is longer than its bound (dead_after:
+               a shutdown's is kill_after + HOLD_MARGIN_S or the children's
+               deadline + half of it, a requeue's or a remote handoff's is
+               dead_after), and it counts down on the database clock. */
             assert(jhold[j] <= DA && SHUTDOWN_HOLD <= DA);
             if
             :: jhold[j] > 0 -> jhold[j]--

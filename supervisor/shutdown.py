@@ -10,6 +10,7 @@ module decides the order and the bounds, the Supervisor does the work.
 from __future__ import annotations
 
 import logging
+import queue
 import signal
 import threading
 from typing import TYPE_CHECKING
@@ -25,23 +26,25 @@ HOLD_MARGIN_S = 2.0  # on top of kill_after: SIGKILL and reaping take time too
 STORAGE_BOUND_S = 2.0  # how long a shutdown step may wait for the database
 
 
-def shut_down(sup: Supervisor) -> int:
-    """Run the sequence on `sup`; returns the exit code."""
+def shut_down(sup: Supervisor, bounded: BoundedCalls | None = None) -> int:
+    """Run the sequence on `sup`; returns the exit code. `bounded`: the
+    thread for its storage calls, best started long before (BoundedCalls)."""
+    _bounded = bounded or BoundedCalls()
     settings = sup.config.shutdown
     began = sup.stop_signal_at or sup.clock()
     why = sup.stop_reason()
     sup.stop_claiming()  # 1.
     _drain(sup, settings.drain)  # 2. jobs that finish now complete normally
-    _fence_children(sup, settings.kill_after)
+    hold = _hold(sup, settings.kill_after)
     committed, held = _bounded(  # 3. the handoff, in one transaction
-        lambda: sup.storage.handoff(sup.server_id, settings.kill_after + HOLD_MARGIN_S, why)
+        lambda: sup.storage.handoff(sup.server_id, hold, why)
     )
     sup.ignore_outcomes()  # what the children do from here on is not recorded
     if committed:
         ms = (sup.clock() - began) * 1000
-        event("handed off jobs %s in %.1f ms after the signal (held until their old runs are dead)",
-              [job.id for job in held], ms, event="handed_off", server=sup.server_id,
-              jobs=[job.id for job in held], ms=round(ms, 1))
+        event("handed off jobs %s in %.1f ms after the signal (held until their old runs are dead, "
+              "at most %.1fs)", [job.id for job in held], ms, hold, event="handed_off", server=sup.server_id,
+              jobs=[job.id for job in held], ms=round(ms, 1), hold_s=round(hold, 1))
     else:
         event("could not commit the handoff: %s; killing the children anyway, the jobs "
               "will be requeued when other servers see this one is dead", held,
@@ -66,19 +69,20 @@ def _drain(sup: Supervisor, seconds: float) -> None:
     sup.drain(seconds)
 
 
-def _fence_children(sup: Supervisor, kill_after: float) -> None:
-    """Before the handoff commits, bring every child's deadline down to
-    kill_after + HOLD_MARGIN_S / 2 from now. The hold lasts kill_after +
-    HOLD_MARGIN_S from the commit, so even if this process is frozen or
-    starved right after the commit, the old runs are dead before the hold
-    ends (found by the model: docs/design.md, "The model",
-    neg_hold_not_fenced). Not sooner: with kill_after 0s, 64 children that
-    all killed their jobs at once beside the commit made it take 300 ms
-    instead of 10 (docs/benchmarks.md, section 10); the supervisor kills
-    them itself right after the commit (_stop_children)."""
-    deadline = min(sup.fence_deadline(), sup.clock() + kill_after + HOLD_MARGIN_S / 2)
-    for child in sup.running.values():
-        child.renew(deadline)
+def _hold(sup: Supervisor, kill_after: float) -> float:
+    """How long the handed-off jobs are held back, from the commit: until
+    their old runs are certainly dead, even if this process freezes or dies
+    right after the commit. Normally it kills them after kill_after and
+    releases the hold at once (step 6). If it cannot, each child kills its
+    job by itself at its deadline, which only heartbeats renew (there are
+    none from here on) and fence_deadline() is the latest of. So: whichever
+    comes later, plus a margin for SIGKILL and reaping; only a supervisor
+    that never reaches step 6 makes anyone wait for it. Found by the model:
+    docs/design.md, "The model", neg_hold_not_fenced. (Bringing 64 children's
+    deadlines nearer instead woke them all beside the commit and delayed
+    it: docs/benchmarks.md, section 10.)"""
+    children_deadline = sup.fence_deadline() - sup.clock()
+    return max(kill_after + HOLD_MARGIN_S, children_deadline + HOLD_MARGIN_S / 2)
 
 
 def _stop_children(sup: Supervisor, kill_after: float) -> None:
@@ -91,30 +95,43 @@ def _stop_children(sup: Supervisor, kill_after: float) -> None:
     sup.kill_all("shutdown: kill_after passed")
 
 
-def _bounded(call) -> tuple[bool, object]:
-    """Run a storage call for at most STORAGE_BOUND_S: (True, its result),
+class BoundedCalls:
+    """Runs a storage call for at most STORAGE_BOUND_S: (True, its result),
     or (False, the error). A hung database must not hold the children alive
     past the platform's grace, so the call runs in a thread we can abandon
-    (the only thread the supervisor ever starts)."""
-    outcome = {}
+    (the only thread the supervisor ever starts).
 
-    def run():
-        try:
-            outcome["value"] = call()
-        except Exception as exc:  # reported by the caller, not lost
-            outcome["error"] = exc
+    The thread is started with the supervisor, not at SIGTERM: a new thread
+    is scheduled behind every runnable process, which beside 64 CPU-bound
+    jobs took up to 200 ms; one already waiting is woken like any sleeper
+    (docs/benchmarks.md, section 10). While it waits it holds no lock, so
+    the children forked meanwhile inherit none."""
 
-    worker = threading.Thread(target=run, daemon=True)
-    worker.start()
-    worker.join(STORAGE_BOUND_S)
-    if "value" in outcome:
-        return True, outcome["value"]
-    return False, outcome.get("error", f"no answer within {STORAGE_BOUND_S:g}s")
+    def __init__(self):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=self._serve, name="bounded storage calls", daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            call, outcome, done = self._calls.get()
+            try:
+                outcome["value"] = call()
+            except Exception as exc:  # reported by the caller, not lost
+                outcome["error"] = exc
+            done.set()
+
+    def __call__(self, call) -> tuple[bool, object]:
+        outcome, done = {}, threading.Event()
+        self._calls.put((call, outcome, done))
+        done.wait(STORAGE_BOUND_S)
+        if "value" in outcome:
+            return True, outcome["value"]
+        return False, outcome.get("error", f"no answer within {STORAGE_BOUND_S:g}s")
 
 
 def stop_after_external_handoff(sup: Supervisor) -> int:
     """Another process (`shiftchange handoff`) already requeued our jobs and
     our children are dead: just record that this server has stopped."""
-    done, _ = _bounded(lambda: sup.storage.release_handoff(sup.server_id, []))
+    done, _ = BoundedCalls()(lambda: sup.storage.release_handoff(sup.server_id, []))
     event("stopped (handed off from outside)", event="stopped", server=sup.server_id)
     return EXIT_OK if done else EXIT_FAILURE

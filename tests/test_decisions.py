@@ -211,7 +211,12 @@ def test_the_handoff_is_committed_and_held_before_the_children_die_and_the_hold_
     storage = RecordingStorage()
     sup = stopping_supervisor(storage, kill_after=3.0)
     assert shut_down(sup) == 0
-    assert storage.calls == [("handoff", "s1", 3.0 + HOLD_MARGIN_S), ("kill_all",), ("release_handoff", "s1", [7])]
+    # Held until the children's own deadline (dead_after - heartbeat/2 after
+    # the last heartbeat, which was just now) + half the margin: it outlasts
+    # kill_after + the margin here (see test_shutdown_hold.py).
+    assert sup.last_beat_sent == sup.clock()
+    hold = 10.0 - 0.5 + HOLD_MARGIN_S / 2
+    assert storage.calls == [("handoff", "s1", hold), ("kill_all",), ("release_handoff", "s1", [7])]
     assert not sup.claiming and sup.dropping
 
 

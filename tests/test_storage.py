@@ -248,6 +248,19 @@ def test_handoff_requeues_in_one_transaction_and_holds_the_jobs(queue):
     assert all(j.attempts == 1 for j in again)  # the interruption used no attempt
 
 
+def test_preparing_the_handoff_changes_nothing(queue):
+    """The supervisor runs it at start to compile the handoff's statements."""
+    sid = register(queue)
+    queue.enqueue("app:f")
+    job = claim_one(queue, sid)
+    before = queue.get(job.id)
+    queue.storage.prepare_handoff()
+    after = queue.get(job.id)
+    assert (after.state, after.server, after.lease, after.run_at) == (before.state, sid, before.lease, before.run_at)
+    assert len(after.events) == len(before.events)
+    assert queue.storage.servers()[0].state == "running"
+
+
 def test_release_leaves_a_job_that_changed_meanwhile_alone(queue):
     sid = register(queue)
     queue.enqueue("app:f")

@@ -17,11 +17,10 @@ from pathlib import Path
 
 import yaml
 
-from supervisor.database import mask_url
+from supervisor.dburl import mask_url
 from supervisor.errors import ConfigError
-from supervisor.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_INTERRUPTIONS, check_queue_name
+from supervisor.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_INTERRUPTIONS, RELEASE_WINDOW_S, check_queue_name
 from supervisor.recurring import EntryError, RecurringEntry, make_entry
-from supervisor.storage import RELEASE_WINDOW_S
 
 DEFAULT_FILE = "shiftchange.yaml"
 ENV_FILE = "SHIFTCHANGE_CONFIG"

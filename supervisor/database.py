@@ -1,18 +1,13 @@
-"""Engines, URL masking and schema migrations.
+"""Engines and schema migrations.
 
 Each dialect is set up so that no database call can block the supervisor for
-long: connect, read and lock waits are bounded, because a supervisor stuck in
-a call cannot heartbeat or hand off.
+long: connect, read and lock waits are bounded (supervisor/dbapi.py), because
+a supervisor stuck in a call cannot heartbeat or hand off.
 """
 
 import functools
-import math
 import os
-import re
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from importlib import resources
-from pathlib import Path
 
 from sqlalchemy import (
     Column,
@@ -34,6 +29,29 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError
 from sqlalchemy.pool import NullPool, StaticPool
 
+# Bounds, URLs, errors and schema revisions live in modules that need no
+# SQLAlchemy (a read such as `status` does without it); their names are
+# kept here for the code that imports them from here.
+from supervisor import revisions
+from supervisor.dbapi import (  # noqa: F401
+    COMMAND_STATEMENT_S,
+    DEFAULT_BOUNDS,
+    SQLITE_BUSY_TIMEOUT_S,
+    SQLITE_SYNCHRONOUS,
+    Bounds,
+    bound_mysql_session,
+    bounded_psycopg,
+    bounds_for,
+    check_sqlite_path,
+    command_bounds,
+    connect_args,
+    is_permanent,
+    lost_connection,
+    missing_sqlite_file,
+    prepare_sqlite,
+    unavailable,
+)
+from supervisor.dburl import default_driver, mask_url
 from supervisor.errors import (
     ConfigError,
     SchemaMissing,
@@ -44,112 +62,27 @@ from supervisor.errors import (
     StorageRefused,
     StorageUnavailable,
 )
-from supervisor.tables import COMPAT_TABLE, VERSION_TABLE, jobs, servers
+from supervisor.revisions import (  # noqa: F401
+    COMPAT_TABLE,
+    VERSION_TABLE,
+    SchemaState,
+    head_revision,
+    known_revisions,
+    read_schema_state,
+    usable,
+)
+from supervisor.tables import servers
 
-SQLITE_BUSY_TIMEOUT_S = 5.0
 EXTRAS = {"postgresql": "postgres", "mysql": "mysql", "mariadb": "mysql"}
-
-
-# --- how long a database call may take ------------------------------------------
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """How long one database call may wait, in seconds (docs/design.md,
-    "Every database call is bounded"). A black-holed network neither answers
-    nor fails, so every wait needs its own limit."""
-
-    connect: int  # to open a connection (whole seconds; libpq's least is 2)
-    statement: float  # one round trip, timed by the client; also the server's
-    # statement, lock-wait and idle-in-transaction timeouts
-    keepalive_idle: int  # an idle connection is probed after this long
-
-
-def bounds_for(heartbeat_interval: float, dead_after: float) -> Bounds:
-    """The bounds for processes of a server with these settings: a call
-    stuck on a dead network gives up after a quarter of dead_after (at
-    least 1 s, so a busy but healthy database is not mistaken for a dead
-    one; at most 5 s, so that a stop signal is acted on within a platform's
-    grace), leaving room for several heartbeat attempts before the fence."""
-    statement = min(max(dead_after / 4, 1.0), 5.0)
-    return Bounds(
-        connect=max(2, math.ceil(statement)),
-        statement=statement,
-        keepalive_idle=max(1, math.ceil(heartbeat_interval)),
-    )
-
-
-COMMAND_STATEMENT_S = 5.0  # a command's reads may scan a large queue
-
-
-def command_bounds(heartbeat_interval: float, dead_after: float) -> Bounds:
-    """For commands and producers: connect as fast as a server gives up,
-    but let one statement take longer (`status` counts every job)."""
-    bounds = bounds_for(heartbeat_interval, dead_after)
-    return replace(bounds, statement=max(bounds.statement, COMMAND_STATEMENT_S))
-
-
-DEFAULT_BOUNDS = bounds_for(1.0, 10.0)  # the defaults of server.*
 
 
 # --- engines -------------------------------------------------------------------------
 
 
-def mask_url(url) -> str:
-    """The URL with any password replaced by ***, safe for logs and output."""
-    try:
-        return make_url(str(url)).render_as_string(hide_password=True)
-    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
-        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", str(url))
-
-
 def _driver_url(url: str):
-    """Pick the drivers we ship extras for when the URL names none, and take
-    `postgres://` (as Heroku, Render and Fly hand it out) for PostgreSQL."""
+    """The URL as SQLAlchemy's, with its default driver (dburl.default_driver)."""
     parsed = make_url(url)
-    backend, _, driver = parsed.drivername.partition("+")
-    if backend == "postgres":
-        backend = "postgresql"
-    if backend == "postgresql":
-        parsed = parsed.set(drivername=f"postgresql+{driver or 'psycopg'}")
-    elif backend in ("mysql", "mariadb") and not driver:
-        parsed = parsed.set(drivername=backend + "+pymysql")
-    return parsed
-
-
-def _connect_args(dialect: str, bounds: Bounds, url) -> dict:
-    """Timeouts for the driver. The TCP ones end a call on a path that drops
-    packets; the client-side round-trip bound (psycopg below, PyMySQL's
-    read/write timeouts) also ends one that a relay or proxy black-holes
-    while still acknowledging every packet."""
-    statement_ms = int(bounds.statement * 1000)
-    if dialect == "postgresql":
-        server_side = (
-            f"-c statement_timeout={statement_ms} -c lock_timeout={statement_ms} "
-            # A transaction left open by a client that vanished mid-way would
-            # hold its row locks (its server's row, its jobs) until the server
-            # noticed: end it long before another server may reap that one.
-            f"-c idle_in_transaction_session_timeout={statement_ms}"
-        )
-        own = url.query.get("options")
-        return {
-            "connect_timeout": bounds.connect,
-            "keepalives": 1,
-            "keepalives_idle": bounds.keepalive_idle,
-            "keepalives_interval": 1,
-            "keepalives_count": min(127, max(1, math.ceil(bounds.statement))),  # Linux takes at most 127
-            "tcp_user_timeout": statement_ms,
-            "options": f"{own} {server_side}" if own else server_side,
-        }
-    if dialect in ("mysql", "mariadb"):
-        return {"connect_timeout": bounds.connect, "read_timeout": bounds.statement,
-                "write_timeout": bounds.statement}
-    if dialect == "sqlite":
-        return {"timeout": SQLITE_BUSY_TIMEOUT_S}
-    return {}
-
-
-SQLITE_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}  # database.sqlite_synchronous
+    return parsed.set(drivername=default_driver(parsed.drivername))
 
 
 def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUNDS,
@@ -172,14 +105,14 @@ def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUND
         # process forked while the supervisor holds a connection fails with
         # "locking protocol". No pool means no connection is open between
         # transactions, so none is ever open at a fork.
-        connect_args = _connect_args(dialect, bounds, parsed)
+        driver_args = connect_args(dialect, bounds, parsed)
         pooling = {"pool_pre_ping": pre_ping}
         if dialect == "sqlite" and keep_connection:
             pooling = {"poolclass": StaticPool}
-            connect_args["check_same_thread"] = False  # used by one thread at a time
+            driver_args["check_same_thread"] = False  # used by one thread at a time
         elif dialect == "sqlite":
             pooling = {"poolclass": NullPool}
-        engine = create_engine(parsed, connect_args=connect_args, **pooling)
+        engine = create_engine(parsed, connect_args=driver_args, **pooling)
     except (NoSuchModuleError, ImportError) as exc:  # NoSuchModuleError is an ArgumentError
         extra = EXTRAS.get(_backend(url), "")
         hint = f" (pip install 'shiftchange[{extra}]')" if extra else ""
@@ -191,7 +124,7 @@ def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUND
     elif dialect in ("mysql", "mariadb"):
         _bound_mysql_server(engine, bounds.statement)
     elif dialect == "sqlite":
-        _check_sqlite_path(url, parsed.database)
+        check_sqlite_path(url, parsed.database)
         _create_private_file(parsed.database)
         _set_up_sqlite(engine, SQLITE_SYNCHRONOUS[sqlite_synchronous])
     return engine
@@ -205,44 +138,18 @@ def _backend(url: str) -> str:
 
 
 def _bound_psycopg(engine: Engine, seconds: float) -> None:
-    """libpq has no read timeout: a query sent into a black hole waits
-    forever. Connections of this engine give every round trip `seconds`,
-    then close themselves, which the pool sees as a disconnect."""
-    import psycopg
-
-    class BoundedConnection(psycopg.Connection):
-        def wait(self, gen, interval=0.1, timeout=None):
-            try:
-                return super().wait(gen, interval=interval, timeout=seconds if timeout is None else timeout)
-            except psycopg.OperationalError as exc:
-                if self.closed or "wait timeout expired" not in str(exc):
-                    raise
-                self.close()  # mid-protocol: it can never be used again
-                raise psycopg.OperationalError(f"no answer from the database within {seconds:g}s") from None
+    """Each connection gives every round trip `seconds` (dbapi.bounded_psycopg)."""
+    connection_class = bounded_psycopg(seconds)
 
     @event.listens_for(engine, "do_connect")
     def connect(_dialect, _record, cargs, cparams):
-        return BoundedConnection.connect(*cargs, **cparams)
+        return connection_class.connect(*cargs, **cparams)
 
 
 def _bound_mysql_server(engine: Engine, seconds: float) -> None:
-    """The server-side half of the bounds on MySQL and MariaDB: lock waits,
-    and (MariaDB) a transaction whose client vanished mid-way."""
-
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection, _record):
-        settings = [f"innodb_lock_wait_timeout = {max(1, math.ceil(seconds))}"]
-        if "mariadb" in dbapi_connection.get_server_info().lower():
-            settings += [f"idle_transaction_timeout = {max(1, math.ceil(seconds))}",
-                         f"max_statement_time = {seconds:g}"]
-        cursor = dbapi_connection.cursor()
-        cursor.execute("SET SESSION " + ", ".join(settings))
-        cursor.close()
-
-
-def _check_sqlite_path(url: str, path: str | None) -> None:
-    if path and os.path.isdir(path):
-        raise StorageRefused(f"cannot use the database {mask_url(url)}: {path} is a directory, not a SQLite file")
+        bound_mysql_session(dbapi_connection, seconds)
 
 
 def _create_private_file(path: str | None) -> None:
@@ -272,11 +179,7 @@ def _set_up_sqlite(engine: Engine, synchronous: str) -> None:
 
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection, _record):
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
-        cursor.close()
+        prepare_sqlite(dbapi_connection, synchronous)
 
     @event.listens_for(engine, "begin")
     def on_begin(conn):
@@ -293,55 +196,6 @@ def _set_up_sqlite(engine: Engine, synchronous: str) -> None:
             raw.close()
     except (DBAPIError, engine.dialect.dbapi.Error) as exc:  # a raw connection's are not wrapped
         raise unavailable(engine, exc) from None
-
-
-# --- what an error means ---------------------------------------------------------------
-
-# Errors that retrying does not fix: the database answered, and said no.
-_PERMANENT_MYSQL_CODES = {
-    1044,  # access denied to the database
-    1045,  # access denied (authentication failed)
-    1049,  # unknown database
-    1698,  # access denied (auth plugin)
-}
-_PERMANENT_MESSAGES = re.compile(
-    r"database \S+ does not exist|role \S+ does not exist|authentication failed|"
-    r"no pg_hba\.conf entry|file is not a database|unable to open database file|"
-    r"unknown database|access denied",
-    re.IGNORECASE,
-)
-
-
-def is_permanent(exc: BaseException) -> bool:
-    """True for an error that retrying will not fix (no such database,
-    authentication failed, not a database file); refused connections,
-    resets and timeouts are transient."""
-    orig = getattr(exc, "orig", None) or exc
-    args = getattr(orig, "args", ())
-    if args and isinstance(args[0], int):  # PyMySQL: (code, message)
-        return args[0] in _PERMANENT_MYSQL_CODES
-    return bool(_PERMANENT_MESSAGES.search(str(orig)))
-
-
-def unavailable(engine_or_url, exc: BaseException) -> StorageUnavailable:
-    """A StorageUnavailable that names the database without its password;
-    a StorageRefused when retrying would not help."""
-    url = engine_or_url.url if isinstance(engine_or_url, Engine) else engine_or_url
-    if is_permanent(exc):
-        return StorageRefused(f"cannot use the database {mask_url(url)}: {_reason(exc)}")
-    return StorageUnavailable(f"cannot reach the database {mask_url(url)}: {_reason(exc)}")
-
-
-def _reason(exc: BaseException) -> str:
-    """The driver's own words, on one line: PyMySQL's message without its
-    code; what libpq says after `FATAL:`."""
-    orig = getattr(exc, "orig", None) or exc
-    args = getattr(orig, "args", ())
-    if len(args) == 2 and isinstance(args[0], int):
-        return f"{args[1]} (error {args[0]})"
-    lines = str(orig).strip().splitlines() or [type(orig).__name__]
-    fatal = next((line for line in lines if "FATAL:" in line), None)
-    return fatal.split("FATAL:", 1)[1].strip() if fatal else lines[0].strip()
 
 
 # --- migrations --------------------------------------------------------------
@@ -367,19 +221,6 @@ SCHEMA_LOCK_WAIT_S = 60
 # replica may hold it, and give one migration step minutes. Still bounded:
 # a black-holed database ends the wait, and nothing is owned before start.
 MIGRATION_BOUNDS = Bounds(connect=5, statement=SCHEMA_LOCK_WAIT_S + 240, keepalive_idle=5)
-# Where the migration scripts live; a test points it at a copy with an extra
-# contract step.
-script_location = str(resources.files("supervisor") / "migrations")
-
-
-@dataclass(frozen=True)
-class SchemaState:
-    """What a database says about its schema."""
-
-    revision: str | None  # the real revision; None: no schema
-    marker: str | None  # the compatibility marker
-    has_tables: bool  # shiftchange_jobs exists (a schema with no revision is broken)
-    recorded: bool  # the real revision is in shiftchange_schema_version (0.2 and later)
 
 
 def _alembic_config(connection, version_table: str = VERSION_TABLE):
@@ -388,14 +229,14 @@ def _alembic_config(connection, version_table: str = VERSION_TABLE):
     from alembic.config import Config as AlembicConfig
 
     config = AlembicConfig()
-    config.set_main_option("script_location", script_location)
+    config.set_main_option("script_location", revisions.script_location)
     config.attributes["connection"] = connection
     config.attributes["version_table"] = version_table
     return config
 
 
 def _scripts():
-    return _scripts_at(script_location)
+    return _scripts_at(revisions.script_location)
 
 
 @functools.lru_cache(maxsize=4)
@@ -405,54 +246,10 @@ def _scripts_at(location: str):
     return ScriptDirectory.from_config(_alembic_config(None))
 
 
-_REVISION_LINE = re.compile(r"""^(down_revision|revision)\s*=\s*(?:["']([^"']+)["']|None)\s*$""", re.M)
-
-
-@functools.lru_cache(maxsize=4)
-def _revisions_at(location: str) -> tuple[str, ...]:
-    """Every revision of the scripts at `location`, oldest first, read from
-    their `revision = "NNNN"` and `down_revision = ...` lines without
-    importing Alembic or the scripts (a read command checks the schema on
-    every start). tests/test_migrations.py checks it against Alembic's walk."""
-    parent = {}
-    for path in sorted((Path(location) / "versions").glob("*.py")):
-        lines = dict((name, value or None) for name, value in _REVISION_LINE.findall(path.read_text()))
-        if "revision" in lines:
-            parent[lines.get("down_revision")] = lines["revision"]
-    chain, revision = [], parent.get(None)
-    while revision is not None:
-        chain.append(revision)
-        revision = parent.get(revision)
-    return tuple(chain)
-
-
-def head_revision() -> str:
-    """The schema revision this release of shiftchange expects."""
-    return known_revisions()[-1]
-
-
-def known_revisions() -> list[str]:
-    """Every revision this release knows, oldest first."""
-    return list(_revisions_at(script_location))
-
-
-def _version_in(conn, table_name: str) -> str | None:
-    if not inspect(conn).has_table(table_name):
-        return None
-    return conn.execute(select(column("version_num")).select_from(table(table_name))).scalar()
-
-
 def schema_state(conn) -> SchemaState:
-    """Read where the schema is, writing nothing."""
-    revision = _version_in(conn, VERSION_TABLE)
-    marker = _version_in(conn, COMPAT_TABLE)
-    return SchemaState(
-        # Before 0.2 the marker's table was the real version table.
-        revision=revision or marker,
-        marker=marker,
-        has_tables=inspect(conn).has_table(jobs.name),
-        recorded=revision is not None,
-    )
+    """Read where the schema is, writing nothing (the same statements as
+    a read without SQLAlchemy: revisions.read_schema_state)."""
+    return read_schema_state(lambda sql: conn.exec_driver_sql(sql).all(), conn.dialect.name)
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -478,13 +275,6 @@ def is_additive(module) -> bool:
     """A migration only adds unless it says so: one that forgets to declare
     itself is treated as a contract step, the safe side."""
     return getattr(module, "additive", False)
-
-
-def usable(state: SchemaState, known: list[str], head: str) -> bool:
-    """Can this release (knowing `known`, up to `head`) run on the schema?"""
-    if state.revision == head:
-        return True
-    return state.revision not in known and state.revision is not None and state.marker in known
 
 
 def _too_new(engine, state: SchemaState) -> SchemaTooNew:
@@ -596,17 +386,6 @@ def _is_lock_timeout(exc) -> bool:
     return "lock timeout" in text_ or "database is locked" in text_
 
 
-def _connection_error(exc) -> bool:
-    if getattr(exc, "connection_invalidated", False):
-        return True
-    text_ = str(getattr(exc, "orig", exc)).lower()
-    return any(
-        words in text_
-        for words in ("connection refused", "server closed", "lost connection", "can't connect",
-                      "could not connect", "connection timed out", "terminating connection")
-    )
-
-
 def _upgrade_locked(engine, conn, revision, contract):
     state = schema_state(conn)
     known = known_revisions()
@@ -701,23 +480,6 @@ def release_tuple(version: str) -> tuple[int, ...]:
     return tuple(parts)
 
 
-def missing_sqlite_file(url: str) -> None:
-    """SchemaMissing when `url` is a SQLite file that does not exist: a
-    read-only command must not create it (make_engine would)."""
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        return  # make_engine says what is wrong with it
-    path = parsed.database
-    if parsed.get_backend_name() != "sqlite" or not path or path == ":memory:" or path.startswith("file:"):
-        return
-    if not os.path.exists(path):
-        raise SchemaMissing(
-            f"no database at {mask_url(url)} (no file {path}): create it with "
-            f"`shiftchange db upgrade` (or start `shiftchange run`)"
-        )
-
-
 def ensure_schema(engine: Engine, create: bool = True) -> None:
     """Make sure this release can run on the database's schema.
 
@@ -759,7 +521,7 @@ def _peek(engine: Engine) -> SchemaState | None:
         try:
             return schema_state(conn)
         except DBAPIError as exc:
-            if _connection_error(exc):
+            if lost_connection(exc):
                 raise unavailable(engine, exc) from None
             return None
 
@@ -769,7 +531,7 @@ def _schema_error(engine, what: str, exc: DBAPIError) -> ShiftchangeError:
     anything else names what failed."""
     if _is_lock_timeout(exc):
         return _lock_timeout(engine)
-    if _connection_error(exc):
+    if lost_connection(exc):
         return unavailable(engine, exc)
     reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
     return SchemaUpgradeFailed(f"{what} failed on {mask_url(engine.url)}: {reason}")

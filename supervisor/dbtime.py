@@ -7,11 +7,11 @@ alive. Times are stored as float seconds since the Unix epoch (UTC): the same
 arithmetic and comparisons on SQLite, PostgreSQL and MySQL/MariaDB.
 """
 
-from datetime import datetime, timezone
-
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import Float
+
+from supervisor.records import to_datetime, to_iso  # noqa: F401 (their home before issue 11)
 
 
 class db_now(FunctionElement):
@@ -36,18 +36,3 @@ def _mysql_now(element, compiler, **kw):
 @compiles(db_now, "sqlite")
 def _sqlite_now(element, compiler, **kw):
     return "((julianday('now') - 2440587.5) * 86400.0)"
-
-
-def to_datetime(epoch: float | None) -> datetime | None:
-    """An epoch float from storage as an aware UTC datetime."""
-    if epoch is None:
-        return None
-    return datetime.fromtimestamp(epoch, tz=timezone.utc)
-
-
-def to_iso(epoch: float | None) -> str | None:
-    """An epoch float as ISO 8601 UTC with a Z, for JSON output."""
-    moment = to_datetime(epoch)
-    if moment is None:
-        return None
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -12,6 +12,9 @@ from supervisor.targets import check_callable_syntax
 MAX_PAYLOAD_BYTES = 1 << 20  # args + kwargs, and each checkpoint
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_MAX_INTERRUPTIONS = 10
+# How long a job taken back from a server of release R is left to servers
+# of another release (config: server.release_window).
+RELEASE_WINDOW_S = 60.0
 MAX_UNIQUE_KEY = 200
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]{1,200}$")
 

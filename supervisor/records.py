@@ -2,11 +2,25 @@
 
 import json
 from dataclasses import dataclass, field
-
-from supervisor.dbtime import to_iso
+from datetime import datetime, timezone
 
 JOB_STATES = ("enqueued", "scheduled", "processing", "succeeded", "failed")
 FINISHED_STATES = ("succeeded", "failed")
+
+
+def to_datetime(epoch: float | None) -> datetime | None:
+    """An epoch float from storage as an aware UTC datetime."""
+    if epoch is None:
+        return None
+    return datetime.fromtimestamp(epoch, tz=timezone.utc)
+
+
+def to_iso(epoch: float | None) -> str | None:
+    """An epoch float as ISO 8601 UTC with a Z, for JSON output."""
+    moment = to_datetime(epoch)
+    if moment is None:
+        return None
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True)

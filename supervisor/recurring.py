@@ -15,8 +15,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
-
 from supervisor.errors import InvalidJob
 from supervisor.jobspec import NewJob, check_queue_name, new_job, to_json
 from supervisor.targets import check_callable_syntax
@@ -79,7 +77,7 @@ class RecurringEntry:
             last = math.floor(upto * 1000 / step)
             return [k * step / 1000 for k in range(max(first, last - limit + 1), last + 1)]
         found = []
-        walk = croniter(self.cron, datetime.fromtimestamp(upto + 0.001, ZoneInfo(self.tz)))
+        walk = _croniter(self.cron, datetime.fromtimestamp(upto + 0.001, ZoneInfo(self.tz)))
         while len(found) < limit:
             tick = walk.get_prev(float)
             if tick <= after:
@@ -92,7 +90,7 @@ class RecurringEntry:
         if self.every is not None:
             step = round(self.every * 1000)
             return (math.floor(after * 1000 / step) + 1) * step / 1000
-        return croniter(self.cron, datetime.fromtimestamp(after, ZoneInfo(self.tz))).get_next(float)
+        return _croniter(self.cron, datetime.fromtimestamp(after, ZoneInfo(self.tz))).get_next(float)
 
     def job(self, jobs_config) -> NewJob:
         """The job one tick enqueues, with the enqueuing server's job defaults."""
@@ -170,12 +168,20 @@ def _second(values: dict, one: str, other: str) -> str:
     return given[-1] if given else "name"
 
 
+def _croniter(cron: str, start: datetime | None = None):
+    # Imported where a cron expression is read: croniter (with dateutil)
+    # would cost every command 30 ms of start-up, `status` included (issue 11).
+    from croniter import croniter
+
+    return croniter(cron, start)
+
+
 def _check_cron(cron, tz: str) -> None:
     if not isinstance(cron, str) or len(cron.split()) != 5:
         raise EntryError("cron", f"cron {cron!r} is not a 5-field cron expression (minute hour day month weekday, "
                                  f"e.g. '*/15 * * * *')")
     try:
-        croniter(cron)
+        _croniter(cron)
     except (ValueError, KeyError) as exc:  # croniter's errors are ValueErrors
         raise EntryError("cron", f"cron {cron!r} is not valid: {exc}") from None
 

@@ -41,7 +41,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from supervisor.database import unavailable
 from supervisor.dbtime import db_now
 from supervisor.errors import ActionRefused, InvalidFilter, JobNotFound
-from supervisor.jobspec import QUEUE_NAME, NewJob
+from supervisor.jobspec import QUEUE_NAME, RELEASE_WINDOW_S, NewJob
 from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
 from supervisor.tables import (
     chores as chore_table,
@@ -56,9 +56,6 @@ from supervisor.wakeup import WAKE_CHANNEL, Candidate, pick_targets, server_chan
 
 MAX_ERROR_CHARS = 64_000
 LIVE_SERVER_STATES = ("running", "stopping")
-# How long a job taken back from a server of release R is left to servers
-# of another release (config: server.release_window).
-RELEASE_WINDOW_S = 60.0
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,8 @@ from sqlalchemy import (
     text,
 )
 
-PREFIX = "shiftchange_"
-# Alembic's version table: the revision the schema is really at.
-VERSION_TABLE = PREFIX + "schema_version"
-# The table release 0.1.0 reads as its version table. It now holds the
-# *compatibility marker*: the oldest release head that can run on this
-# schema (see database.py and docs/design.md, "Schema upgrades").
-COMPAT_TABLE = PREFIX + "alembic_version"
+# The prefix and the version tables' names: see revisions.py.
+from supervisor.revisions import COMPAT_TABLE, JOBS_TABLE, PREFIX, VERSION_TABLE  # noqa: F401
 
 metadata = MetaData()
 
@@ -56,7 +51,7 @@ Id = BigInteger().with_variant(Integer(), "sqlite")
 Epoch = Double()  # float seconds since the epoch, from the database clock
 
 jobs = Table(
-    PREFIX + "jobs",
+    JOBS_TABLE,
     metadata,
     Column("id", Id, primary_key=True, autoincrement=True),
     Column("queue", String(200), nullable=False),

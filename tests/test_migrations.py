@@ -190,15 +190,15 @@ def test_a_newer_schema_that_removed_what_this_release_needs_says_upgrade_this_s
 @pytest.fixture
 def with_contract_step(tmp_path, monkeypatch):
     """This release's migrations plus a contract step 9999."""
-    from supervisor import database
+    from supervisor import revisions
 
     release_head = head_revision()
 
     scripts = tmp_path / "migrations"
-    shutil.copytree(Path(database.script_location), scripts,
+    shutil.copytree(Path(revisions.script_location), scripts,
                     ignore=shutil.ignore_patterns("__pycache__"))
     (scripts / "versions" / "9999_contract.py").write_text(CONTRACT_STEP.replace("{head}", release_head))
-    monkeypatch.setattr(database, "script_location", str(scripts))
+    monkeypatch.setattr(revisions, "script_location", str(scripts))
     return release_head
 
 

@@ -251,18 +251,16 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
-    q = open_queue(config)
-    servers = q.servers()
-    # Every state is always listed, with 0 when no job is in it.
-    counts, queues, paused = q.counts(), q.queue_counts(), q.paused_queues()
+    database, snapshot = read_status(config)
     if json_:
-        print_json({"servers": [s.to_dict() for s in servers], "counts": counts, "queues": queues,
-                    "database": q.database, "paused": sorted(paused)})
+        print_json(snapshot.to_dict(database))
         return
+    # Every state is always listed, with 0 when no job is in it.
+    servers, counts, queues, paused = snapshot.servers, snapshot.counts, snapshot.queues, snapshot.paused
     live = [s for s in servers if s.state in LIVE_STATES]
     gone = [s for s in servers if s.state not in LIVE_STATES]
     console = Console()
-    console.print(f"database: {q.database}", highlight=False, markup=False)
+    console.print(f"database: {database}", highlight=False, markup=False)
     console.print(_servers_table(live + gone if all_ else live, servers))
     if gone and not all_:
         by_state = ", ".join(f"{n} {state}" for state, n in sorted(Counter(s.state for s in gone).items()))
@@ -275,6 +273,26 @@ def status(
 
 
 LIVE_STATES = ("running", "stopping")
+
+
+def read_status(config_path):
+    """The database's URL (password masked) and what `status` shows, read
+    through the DB-API driver alone, since importing SQLAlchemy takes longer
+    than `status` may (issue 11); or through a Queue, as before, where
+    dbapi.open_reader leaves it to the engine (see there why)."""
+    from supervisor.dbapi import command_bounds, open_reader
+    from supervisor.snapshot import read_snapshot
+
+    settings = load_config(config_path)
+    bounds = command_bounds(settings.server.heartbeat_interval, settings.server.dead_after)
+    reader = open_reader(settings.database.url, bounds, settings.database.sqlite_synchronous)
+    if reader is None:
+        from supervisor.queue import Queue
+
+        with Queue(settings.database.url, defaults=settings, create=False) as q:
+            return q.database, q.snapshot()
+    with reader:
+        return reader.database, read_snapshot(reader.fetch, reader.dialect)
 
 
 def _servers_table(shown, every):

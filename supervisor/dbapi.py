@@ -2,18 +2,20 @@
 
 How long any database call may wait (Bounds), how each driver is told so,
 and what a driver's error means: make_engine (supervisor/database.py) sets
-up its connections with these. Nothing here imports SQLAlchemy, so that a
-command that only reads can do without it (issue 11: importing SQLAlchemy
-alone takes 200 ms).
+up its connections with these, and `open_reader` opens one the same way
+through the DB-API driver alone, for `status`, which must start fast
+(issue 11: importing SQLAlchemy alone takes 200 ms).
 """
 
+import importlib
 import math
 import os
 import re
 from dataclasses import dataclass, replace
 
-from supervisor.dburl import DatabaseUrl, mask_url, parse_url
+from supervisor.dburl import DatabaseUrl, mask_url, parse_url, with_default_driver
 from supervisor.errors import SchemaMissing, StorageRefused, StorageUnavailable
+from supervisor.revisions import head_revision, known_revisions, read_schema_state, usable
 
 SQLITE_BUSY_TIMEOUT_S = 5.0
 SQLITE_SYNCHRONOUS = {"full": "FULL", "normal": "NORMAL"}  # database.sqlite_synchronous
@@ -227,3 +229,154 @@ def missing_sqlite_file(url: str) -> None:
 def check_sqlite_path(url: str, path: str | None) -> None:
     if path and os.path.isdir(path):
         raise StorageRefused(f"cannot use the database {mask_url(url)}: {path} is a directory, not a SQLite file")
+
+
+# --- a read-only connection through the driver alone --------------------------------------
+
+# What open_reader connects to: the drivers by the names make_engine gives
+# them (dburl.default_driver), and each dialect's DB-API module.
+_DIALECTS = {"sqlite": "sqlite", "sqlite+pysqlite": "sqlite", "postgresql+psycopg": "postgresql",
+             "mysql+pymysql": "mysql", "mariadb+pymysql": "mysql"}
+_DRIVERS = {"sqlite": "sqlite3", "postgresql": "psycopg", "mysql": "pymysql"}
+# URL options that SQLAlchemy's PyMySQL dialect converts before the driver
+# sees them; a URL with one is left to the engine.
+_CONVERTED_MYSQL_OPTIONS = {"compress", "connect_timeout", "read_timeout", "write_timeout", "client_flag",
+                            "local_infile", "use_unicode", "ssl_ca", "ssl_key", "ssl_cert", "ssl_capath",
+                            "ssl_cipher", "ssl_check_hostname"}
+
+
+def plain_url(text: str) -> DatabaseUrl | None:
+    """The URL, with its default driver, where open_reader connects to it
+    exactly as make_engine would; None for anything else: not a URL (the
+    engine says why), another driver, options that SQLAlchemy translates
+    (several PostgreSQL hosts or ports, SQLite URIs, PyMySQL's typed ones)."""
+    try:
+        url = with_default_driver(parse_url(text))
+    except ValueError:
+        return None
+    dialect = _DIALECTS.get(url.drivername)
+    if dialect is None or any(isinstance(value, tuple) for value in url.query.values()):
+        return None
+    if dialect == "sqlite":
+        plain = (not url.query and sqlite_file(url) is not None
+                 and not (url.username or url.password or url.host or url.port))
+    elif dialect == "postgresql":
+        host = url.query.get("host", "")
+        plain = "port" not in url.query and "," not in host and ":" not in host
+    else:
+        plain = not _CONVERTED_MYSQL_OPTIONS & set(url.query)
+    return url if plain else None
+
+
+# The drivers' names for parts of the URL, where they are not the URL's.
+_PARAM_NAMES = {"postgresql": {"username": "user", "database": "dbname"}, "mysql": {"username": "user"}}
+
+
+def connect_params(url: DatabaseUrl) -> dict:
+    """What SQLAlchemy's dialect hands the driver for a PostgreSQL or
+    MySQL plain_url (URL.translate_connect_args): the URL's parts that are
+    set, under the driver's names, then its options as they are."""
+    names = _PARAM_NAMES[_DIALECTS[url.drivername]]
+    parts = {names.get(part, part): getattr(url, part) for part in ("host", "database", "username", "password", "port")}
+    return {name: value for name, value in parts.items() if value} | url.query
+
+
+class Reader:
+    """A read-only DB-API connection to a database whose schema this
+    release can use: `fetch` runs one plain SQL statement and returns its
+    rows. All its reads are one transaction, as one of Storage's."""
+
+    def __init__(self, connection, url: DatabaseUrl, dialect: str, driver):
+        self.connection = connection
+        self.url = url
+        self.dialect = dialect
+        self.driver = driver
+
+    @property
+    def database(self) -> str:
+        """The URL as `status` shows it: with its driver, password masked."""
+        return mask_url(self.url)
+
+    def execute(self, sql: str) -> list[tuple]:
+        cursor = self.connection.cursor()
+        try:
+            cursor.execute(sql)
+            return list(cursor.fetchall())
+        finally:
+            cursor.close()
+
+    def fetch(self, sql: str) -> list[tuple]:
+        """The rows of `sql`; the database lost is StorageUnavailable, as
+        in Storage's transactions."""
+        try:
+            return self.execute(sql)
+        except (self.driver.OperationalError, self.driver.InterfaceError) as exc:
+            raise unavailable(self.url, exc) from None
+
+    def close(self) -> None:
+        try:
+            self.connection.close()
+        except self.driver.Error:
+            pass  # closing a lost connection has nothing left to do
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_reader(url_text: str, bounds: Bounds, sqlite_synchronous: str = "full") -> Reader | None:
+    """A Reader on `url_text` with the bounds an engine would have, or
+    None where the engine must read instead (Queue(url, create=False)):
+    not a plain_url, no driver installed (make_engine names the extra to
+    install), or a schema this release cannot use as it is (the engine
+    waits for one being created and explains the rest, in the same words
+    as for every read command). A missing SQLite file, a path that is a
+    directory and an unreachable database fail here as they would there."""
+    url = plain_url(url_text)
+    if url is None:
+        return None
+    dialect = _DIALECTS[url.drivername]
+    if dialect == "sqlite":
+        missing_sqlite_file(url_text)
+        check_sqlite_path(url_text, url.database)
+    try:
+        driver = importlib.import_module(_DRIVERS[dialect])
+    except ImportError:
+        return None
+    try:
+        connection = _connect(driver, dialect, url, bounds, sqlite_synchronous)
+    except driver.Error as exc:
+        raise unavailable(url, exc) from None
+    reader = Reader(connection, url, dialect, driver)
+    if _schema_usable(reader):
+        return reader
+    reader.close()
+    return None
+
+
+def _connect(driver, dialect: str, url: DatabaseUrl, bounds: Bounds, sqlite_synchronous: str):
+    args = connect_args(dialect, bounds, url)
+    if dialect == "postgresql":
+        return bounded_psycopg(bounds.statement).connect(**(connect_params(url) | args))
+    if dialect == "mysql":
+        connection = driver.connect(**(connect_params(url) | args))
+        bound_mysql_session(connection, bounds.statement)
+        return connection
+    connection = driver.connect(os.path.abspath(url.database), **args)  # as SQLAlchemy opens the file
+    prepare_sqlite(connection, SQLITE_SYNCHRONOUS[sqlite_synchronous])
+    connection.execute("BEGIN")  # the other drivers begin one at the first statement
+    return connection
+
+
+def _schema_usable(reader: Reader) -> bool:
+    """As database.ensure_schema's first look: a lost connection is an
+    outage; any other error is for the engine to look into."""
+    try:
+        state = read_schema_state(reader.execute, reader.dialect)
+    except reader.driver.Error as exc:
+        if lost_connection(exc):
+            raise unavailable(reader.url, exc) from None
+        return False
+    return usable(state, known_revisions(), head_revision())

@@ -12,27 +12,20 @@ from sqlalchemy.sql.expression import FunctionElement
 from sqlalchemy.types import Float
 
 from supervisor.records import to_datetime, to_iso  # noqa: F401 (their home before issue 11)
+from supervisor.snapshot import NOW_SQL
 
 
 class db_now(FunctionElement):
-    """The database's current time in epoch seconds."""
+    """The database's current time in epoch seconds (snapshot.NOW_SQL,
+    which `status` runs without SQLAlchemy)."""
 
     type = Float()
     inherit_cache = True
 
 
 @compiles(db_now, "postgresql")
-def _pg_now(element, compiler, **kw):
-    # clock_timestamp(), not now(): now() is frozen at transaction start.
-    return "extract(epoch from clock_timestamp())::float8"
-
-
 @compiles(db_now, "mysql")
 @compiles(db_now, "mariadb")
-def _mysql_now(element, compiler, **kw):
-    return "(UNIX_TIMESTAMP(SYSDATE(6)) + 0e0)"
-
-
 @compiles(db_now, "sqlite")
-def _sqlite_now(element, compiler, **kw):
-    return "((julianday('now') - 2440587.5) * 86400.0)"
+def _now_sql(element, compiler, **kw):
+    return NOW_SQL[compiler.dialect.name]

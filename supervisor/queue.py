@@ -9,8 +9,9 @@ from supervisor.config import Config, load_config, parse_duration
 from supervisor.database import command_bounds, ensure_schema, make_engine, mask_url, missing_sqlite_file
 from supervisor.errors import ActionRefused, InvalidJob, JobFailed, JobNotFound, UnknownServer
 from supervisor.jobspec import NewJob, new_job
-from supervisor.records import JOB_STATES, Job, QueueSummary, Server
+from supervisor.records import Job, QueueSummary, Server
 from supervisor.recurring import EntryError, RecurringEntry, entry_from_row, make_entry
+from supervisor.snapshot import Snapshot, totals
 from supervisor.storage import COUNTED_STATES, EventHistogram, JobFilter, JobPage, Storage
 
 # The job events the dashboard charts and /metrics counts.
@@ -239,14 +240,15 @@ class Queue:
 
     def counts(self) -> dict[str, int]:
         """Job counts by state over all queues, every state listed."""
-        totals = dict.fromkeys(JOB_STATES, 0)
-        for by_state in self.storage.counts().values():
-            for state, count in by_state.items():
-                totals[state] += count
-        return totals
+        return totals(self.storage.counts())
 
     def queue_counts(self) -> dict[str, dict[str, int]]:
         return self.storage.counts()
+
+    def snapshot(self) -> Snapshot:
+        """What `shiftchange status` shows: servers, job counts by queue
+        and state, paused queues, read in one transaction."""
+        return self.storage.snapshot()
 
     def served(self, queue: str) -> bool:
         """Does a running server serve `queue`? (A job in a queue nobody

@@ -43,6 +43,7 @@ from supervisor.dbtime import db_now
 from supervisor.errors import ActionRefused, InvalidFilter, JobNotFound
 from supervisor.jobspec import QUEUE_NAME, RELEASE_WINDOW_S, NewJob
 from supervisor.records import FINISHED_STATES, JOB_STATES, Event, Job, Server
+from supervisor.snapshot import Snapshot, read_counts, read_paused, read_servers, read_snapshot
 from supervisor.tables import (
     chores as chore_table,
     events,
@@ -765,7 +766,7 @@ class Storage:
     def paused_queues(self) -> set[str]:
         """The names of the paused queues."""
         with self._read() as conn:
-            return set(conn.execute(select(queue_settings.c.name).where(queue_settings.c.paused)).scalars())
+            return read_paused(_fetch(conn))
 
     def _set_paused(self, name: str, paused: bool) -> bool:
         if not isinstance(name, str) or not QUEUE_NAME.match(name):
@@ -1098,33 +1099,23 @@ class Storage:
             return [Job.from_row(row) for row in conn.execute(query)]
 
     def servers(self, states=None, host: str | None = None) -> list[Server]:
-        """Servers, newest first, each with the ids of its jobs in flight."""
-        query = select(servers).order_by(servers.c.started_at.desc())
-        if states is not None:
-            query = query.where(servers.c.state.in_(list(states)))
-        if host is not None:
-            query = query.where(servers.c.host == host)
+        """Servers, newest first, each with the ids of its jobs in flight.
+        Read with `status`'s statements (supervisor/snapshot.py) and
+        filtered here: one text for both, and the table stays small (sweep
+        deletes servers stopped longer than jobs.keep_finished)."""
         with self._read() as conn:
-            now = conn.execute(select(db_now())).scalar_one()
-            rows = conn.execute(query).all()
-            in_flight: dict[str, list[int]] = {}
-            for job_id, server_id in conn.execute(
-                select(jobs.c.id, jobs.c.server_id)
-                .where(jobs.c.state == "processing").order_by(jobs.c.id)
-            ):
-                in_flight.setdefault(server_id, []).append(job_id)
-        return [Server.from_row(row, now, in_flight.get(row.id, [])) for row in rows]
+            found = read_servers(_fetch(conn), self.engine.dialect.name)
+        return [s for s in found if (states is None or s.state in states) and (host is None or s.host == host)]
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """Job counts by queue and state."""
+        """Job counts by queue and state, every state listed."""
         with self._read() as conn:
-            rows = conn.execute(
-                select(jobs.c.queue, jobs.c.state, func.count()).group_by(jobs.c.queue, jobs.c.state)
-            ).all()
-        by_queue: dict[str, dict[str, int]] = {}
-        for queue, state, count in rows:
-            by_queue.setdefault(queue, dict.fromkeys(JOB_STATES, 0))[state] = count
-        return by_queue
+            return read_counts(_fetch(conn))
+
+    def snapshot(self) -> Snapshot:
+        """What `status` shows, read in one transaction."""
+        with self._read() as conn:
+            return read_snapshot(_fetch(conn), self.engine.dialect.name)
 
     # dashboard and metrics reads: each bounded, whatever the table holds --
 
@@ -1338,6 +1329,11 @@ class Storage:
             removed += len(ids)
             if len(ids) < batch:
                 return removed
+
+
+def _fetch(conn):
+    """The rows of one plain SQL statement on `conn` (see snapshot.py)."""
+    return lambda sql: conn.exec_driver_sql(sql).all()
 
 
 def _claimable_now(specs, done: list[Enqueued] | None = None) -> dict[str, int]:

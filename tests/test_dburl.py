@@ -1,14 +1,18 @@
 """Database URLs read without SQLAlchemy (supervisor/dburl.py) are read as
-SQLAlchemy's make_url reads them: checked on a table of URLs, so the two
-cannot drift apart."""
+SQLAlchemy's make_url reads them, and a read-only connection
+(supervisor/dbapi.py) gets from a URL what SQLAlchemy's dialect would hand
+the driver: checked on a table of URLs, so the two cannot drift apart."""
 
+import os
 import re
 
 import pytest
+from sqlalchemy import create_engine
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from supervisor.database import _driver_url
+from supervisor.dbapi import connect_params, plain_url
 from supervisor.dburl import mask_url, parse_url, with_default_driver
 
 URLS = [
@@ -103,3 +107,34 @@ def test_the_default_driver_is_the_engines(url):
         return
     assert (with_default_driver(parse_url(url)).render(hide_password=False)
             == _driver_url(url).render_as_string(hide_password=False))
+
+
+# Where the read-only connection leaves the URL to the engine.
+LEFT_TO_THE_ENGINE = {
+    "sqlite://", "sqlite:///", "sqlite:///:memory:", "sqlite:///file:queue.db?mode=ro&uri=true",
+    "postgresql://u@/db?host=h1:5432&host=h2:5433", "postgresql://u@/db?host=h1,h2&port=5432,5433",
+    "postgresql://u@h/db?port=5433", "postgresql://u@h/db?a=1&a=2&b=",
+    "postgres+psycopg2://u:pw@h/db", "postgresql+nosuchdriver://u:secret@127.0.0.1/db",
+    "mariadb://u:pw@h/db?ssl_ca=/ca.pem", "mysql://u:pw@h/db?connect_timeout=3", "mysql+mysqldb://u:pw@h/db",
+    "oracle://u:pw@h/db", "postgresql://u:secret@127.0.0.1:notaport/db", "postgresql://u:secret@h:/db",
+    "not a url", "",
+}
+
+
+@pytest.mark.parametrize("url", URLS)
+def test_a_plain_url_connects_with_what_sqlalchemys_dialect_would_pass(url):
+    plain = plain_url(url)
+    assert (plain is None) == (url in LEFT_TO_THE_ENGINE)
+    if plain is None:
+        return
+    engine = create_engine(_driver_url(url))  # connects to nothing until used
+    args, params = engine.dialect.create_connect_args(engine.url)
+    if plain.backend == "sqlite":
+        assert args == [os.path.abspath(plain.database)]
+        return
+    # Not for the driver's own settings: psycopg's type adapters (as the
+    # driver's default ones for what status reads), PyMySQL's FOUND_ROWS
+    # (which changes only what an UPDATE counts).
+    for own in ("context", "client_encoding", "client_flag"):
+        params.pop(own, None)
+    assert connect_params(plain) == params

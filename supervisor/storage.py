@@ -989,7 +989,13 @@ class Storage:
     def release_handoff(self, server_id: str, held: list[Requeued]) -> None:
         """Step two: the old runs are dead, so the held jobs may start now
         (only those not claimed or changed since), and the server is
-        `stopped`. If this never runs, the hold simply expires."""
+        `stopped`. If this never runs, the hold simply expires.
+
+        It also takes back, at once, any job still `processing` under the
+        server: one that a slot claimed with its outcome while the handoff
+        waited for that transaction's lock on the server row. On PostgreSQL
+        the handoff is one statement, whose snapshot predates that claim's
+        commit, so it could not see the job; its run is dead now too."""
         with self._write() as conn:
             pairs = [(job.id, job.lease) for job in held if not job.failed]
             if pairs:
@@ -998,6 +1004,9 @@ class Storage:
                     .where(tuple_(jobs.c.id, jobs.c.lease).in_(pairs), jobs.c.state == "enqueued")
                     .values(run_at=db_now())
                 )
+            late = self._take_back(conn, jobs.c.server_id == server_id, "handed_off",
+                                   "claimed while its server handed off; its run was killed with the others", 0.0)
+            if pairs or late:
                 self._wake(conn)
             conn.execute(
                 update(servers)

@@ -6,15 +6,17 @@ SQLite, PostgreSQL and MariaDB; then real supervisors, judged from the
 jobs' side (which process ran each job, how often)."""
 
 import signal
+import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from harness import events_of, read_lines, wait_for
 from supervisor import Queue
 from supervisor.database import Bounds, make_engine
 from supervisor.storage import ClaimNext
+from supervisor.tables import jobs, servers
 from test_storage import claim_one, register
 
 
@@ -192,3 +194,51 @@ def test_no_job_is_lost_or_run_twice_when_the_slot_gives_up_on_its_write(server_
     wait_for(lambda: q.get(second).state == "succeeded", timeout=30, what="the second job")
     assert q.get(first).state == "succeeded" and events_of(q, first).count("succeeded") == 1
     assert len(runs(records, first)) == 1 and len(runs(records, second)) == 1
+
+
+def _waiting_on_a_lock(queue) -> bool:
+    """Is a handoff's statement waiting for a row lock? (MariaDB's lock
+    tables lag behind: its handoff begins with the server row's UPDATE,
+    which can only be in progress while it waits.)"""
+    if queue.engine.dialect.name == "postgresql":
+        sql = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
+    else:
+        sql = ("SELECT count(*) FROM information_schema.PROCESSLIST "
+               "WHERE info LIKE 'UPDATE shiftchange_servers SET state=%stopping%'")
+    with queue.engine.connect() as conn:
+        return conn.execute(text(sql)).scalar_one() > 0
+
+
+def test_a_claim_committed_while_the_handoff_waits_for_it_is_handed_off_too(server_queue):
+    """A slot's claim checks its server row under a share lock; a handoff
+    that must wait for that lock may have taken its snapshot before the
+    claim commits (PostgreSQL runs the handoff as one statement). The job
+    claimed then must not stay `processing` under a stopped server until a
+    reaper finds it: release_handoff, once every run is dead, takes it back."""
+    q = server_queue
+    sid = register(q)
+    q.enqueue("app:f")
+    running = claim_one(q, sid)
+    late = q.enqueue("app:f").id
+    slot = q.engine.connect()
+    slot_tx = slot.begin()
+    # The slot's outcome-and-claim transaction, paused after its server check.
+    slot.execute(select(servers.c.id).where(servers.c.id == sid).with_for_update(read=True))
+    handed = {}
+    handoff = threading.Thread(target=lambda: handed.update(held=q.storage.handoff(sid, 0.0, "deploy")))
+    handoff.start()
+    try:
+        assert wait_for(lambda: _waiting_on_a_lock(q), 10), "the handoff never waited for the slot's lock"
+        slot.execute(jobs.update().where(jobs.c.id == late)
+                     .values(state="processing", server_id=sid, lease=jobs.c.lease + 1))
+        slot_tx.commit()
+    finally:
+        slot.close()
+        handoff.join(10)
+    assert running.id in [job.id for job in handed["held"]]
+    q.storage.release_handoff(sid, handed["held"])
+    after = q.get(late)
+    assert (after.state, after.server) == ("enqueued", None)
+    assert after.events[-1].kind == "handed_off"
+    assert q.storage.servers()[0].state == "stopped"
+

@@ -662,6 +662,10 @@ class Storage:
             # Read under a share lock of the server row, which the handoff
             # and the reaper update: a claim and a handoff of one server
             # are serialized, so no claim lands after its jobs were taken back.
+            # A row locked by another transaction (a handoff, a heartbeat) is
+            # skipped, and nothing claimed: a slot's claim comes after its
+            # outcome write locked its job's row, which the handoff may be
+            # waiting for; waiting in turn would deadlock the two.
             server = conn.execute(_CLAIMING_SERVER, {"server_id": wanted.server_id}).first()
             if server is None or server.state != "running" or server.quiet:
                 return []
@@ -1481,9 +1485,10 @@ _CLAIMER_RUNNING = exists().where(servers.c.id == bindparam("claimer"), servers.
                                   servers.c.quiet == false())
 
 
-# Other databases' claim: the server's row, under a share lock (see _claim_in).
+# Other databases' claim: the server's row, under a share lock (see _claim_in),
+# or nothing when another transaction holds it locked.
 _CLAIMING_SERVER = (select(servers.c.state, servers.c.quiet).where(servers.c.id == bindparam("server_id"))
-                    .with_for_update(read=True))
+                    .with_for_update(read=True, skip_locked=True))
 
 
 @functools.lru_cache(maxsize=64)

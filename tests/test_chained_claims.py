@@ -196,17 +196,64 @@ def test_no_job_is_lost_or_run_twice_when_the_slot_gives_up_on_its_write(server_
     assert len(runs(records, first)) == 1 and len(runs(records, second)) == 1
 
 
-def _waiting_on_a_lock(queue) -> bool:
+def _waiting_on_a_lock(queue, mariadb_statement: str) -> bool:
     """Is a handoff's statement waiting for a row lock? (MariaDB's lock
-    tables lag behind: its handoff begins with the server row's UPDATE,
-    which can only be in progress while it waits.)"""
+    tables lag behind: there, is the statement that can only be in progress
+    while it waits, `mariadb_statement` (a LIKE pattern), running?)"""
     if queue.engine.dialect.name == "postgresql":
         sql = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
     else:
-        sql = ("SELECT count(*) FROM information_schema.PROCESSLIST "
-               "WHERE info LIKE 'UPDATE shiftchange_servers SET state=%stopping%'")
+        sql = f"SELECT count(*) FROM information_schema.PROCESSLIST WHERE info LIKE '{mariadb_statement}'"
     with queue.engine.connect() as conn:
         return conn.execute(text(sql)).scalar_one() > 0
+
+
+def _handoff_in_a_thread(q, sid) -> tuple[threading.Thread, dict]:
+    outcome = {}
+
+    def hand_off():
+        try:
+            outcome["held"] = q.storage.handoff(sid, 0.0, "deploy")
+        except Exception as exc:  # the test says what it was
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=hand_off)
+    thread.start()
+    return thread, outcome
+
+
+def test_a_slots_claim_never_waits_for_a_handoff_that_waits_for_the_slot(server_queue):
+    """A slot's outcome write locks its job's row, then its claim reads the
+    server row under a share lock; a handoff locks the server row and the
+    jobs' rows (MariaDB: in that order). Were the claim to wait for the
+    server row, the two would deadlock and the handoff fail (seen in CI on
+    MariaDB: error 1213, the handoff not committed). The claim skips a
+    locked server row instead: it claims nothing, commits, and the handoff
+    goes on without the finished job."""
+    q = server_queue
+    sid = register(q)
+    q.enqueue("app:f")
+    finished = claim_one(q, sid)
+    q.enqueue("app:f")  # what the slot would claim next
+    slot = q.engine.connect()
+    slot_tx = slot.begin()
+    # The slot's outcome write, paused before its claim.
+    slot.execute(jobs.update().where(jobs.c.id == finished.id).values(state="succeeded"))
+    handoff, outcome = _handoff_in_a_thread(q, sid)
+    try:
+        assert wait_for(lambda: _waiting_on_a_lock(q, "SELECT shiftchange_jobs.id%FOR UPDATE"), 10), \
+            "the handoff never waited for the slot's row"
+        claimed = q.storage._claim_in(slot, ClaimNext(sid, ("default",), None, 1))
+        slot_tx.commit()
+    finally:
+        slot.close()
+        handoff.join(10)
+    assert "error" not in outcome, outcome.get("error")
+    assert finished.id not in [job.id for job in outcome["held"]]
+    assert q.get(finished.id).state == "succeeded"
+    if claimed:  # PostgreSQL: its handoff locks the server row last; step 6 takes it back
+        q.storage.release_handoff(sid, outcome["held"])
+        assert q.get(claimed[0].id).state == "enqueued"
 
 
 def test_a_claim_committed_while_the_handoff_waits_for_it_is_handed_off_too(server_queue):
@@ -224,17 +271,17 @@ def test_a_claim_committed_while_the_handoff_waits_for_it_is_handed_off_too(serv
     slot_tx = slot.begin()
     # The slot's outcome-and-claim transaction, paused after its server check.
     slot.execute(select(servers.c.id).where(servers.c.id == sid).with_for_update(read=True))
-    handed = {}
-    handoff = threading.Thread(target=lambda: handed.update(held=q.storage.handoff(sid, 0.0, "deploy")))
-    handoff.start()
+    handoff, handed = _handoff_in_a_thread(q, sid)
     try:
-        assert wait_for(lambda: _waiting_on_a_lock(q), 10), "the handoff never waited for the slot's lock"
+        assert wait_for(lambda: _waiting_on_a_lock(q, "UPDATE shiftchange_servers SET state=%stopping%"), 10), \
+            "the handoff never waited for the slot's lock"
         slot.execute(jobs.update().where(jobs.c.id == late)
                      .values(state="processing", server_id=sid, lease=jobs.c.lease + 1))
         slot_tx.commit()
     finally:
         slot.close()
         handoff.join(10)
+    assert "error" not in handed, handed.get("error")
     assert running.id in [job.id for job in handed["held"]]
     q.storage.release_handoff(sid, handed["held"])
     after = q.get(late)

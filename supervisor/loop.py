@@ -160,10 +160,10 @@ class Supervisor:
             try:
                 ensure_schema(engine)
                 self.storage = Storage(engine, self.config.server.release_window)
+                self.storage.prepare_handoff()  # nothing slow at SIGTERM
                 self.wakeups = Wakeups(engine)
                 self._reap_previous_incarnation()
                 self._register()
-                self.storage.prepare_handoff()  # nothing slow at SIGTERM
                 return True
             except StorageRefused:
                 raise

@@ -11,7 +11,7 @@ import sys
 import psutil
 import pytest
 
-from harness import freeze, read_lines, runs, wait_for
+from harness import events_of, freeze, read_lines, runs, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,10 @@ def test_shiftchange_handoff_requeues_the_jobs_and_stops_the_supervisor(queue, e
     reports = json.loads(done.stdout)
     assert len(reports) == 1, f"{reports}; servers: {queue.servers()}\n{sup.log()}"
     (report,) = reports
-    assert (report["id"], report["jobs"]) == (server.id, [job.id])
+    # Seen once under CI load (SQLite, frozen): the handoff took no job. If
+    # it comes back, the job's events and the log say where the job was.
+    assert (report["id"], report["jobs"]) == (server.id, [job.id]), \
+        f"job {job.id}: {queue.get(job.id).state}, events {events_of(queue, job.id)}\n{sup.log()}"
     assert sup.proc.poll() is not None and sup.survivors() == []
     handed = queue.get(job.id)
     assert handed.state == "enqueued" and handed.run_at <= queue.storage.now()  # hold released

@@ -863,5 +863,5 @@ def run_supervisor(config: Config) -> int:
     bounded = BoundedCalls()  # before any child is forked: see its docstring
     sup.serve()
     if sup.exit_requested:
-        return stop_after_external_handoff(sup)
+        return stop_after_external_handoff(sup, bounded)
     return shut_down(sup, bounded)

@@ -129,9 +129,9 @@ class BoundedCalls:
         return False, outcome.get("error", f"no answer within {STORAGE_BOUND_S:g}s")
 
 
-def stop_after_external_handoff(sup: Supervisor) -> int:
+def stop_after_external_handoff(sup: Supervisor, bounded: BoundedCalls | None = None) -> int:
     """Another process (`shiftchange handoff`) already requeued our jobs and
     our children are dead: just record that this server has stopped."""
-    done, _ = BoundedCalls()(lambda: sup.storage.release_handoff(sup.server_id, []))
+    done, _ = (bounded or BoundedCalls())(lambda: sup.storage.release_handoff(sup.server_id, []))
     event("stopped (handed off from outside)", event="stopped", server=sup.server_id)
     return EXIT_OK if done else EXIT_FAILURE

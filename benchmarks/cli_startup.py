@@ -4,12 +4,16 @@
         [--before CHECKOUT] [--command "status"]
 
 Runs `python -m supervisor COMMAND` `--runs` times per database against an
-empty database with the schema, one after another (as hyperfine would),
-and prints one JSON line per database and checkout: median, p90, min and
-max wall time in ms, the median CPU time (which a busy machine does not
-inflate), and the load average. `--before` also runs another
-checkout (e.g. `git worktree add /tmp/before main`), taking turns run by
-run, so a shared machine's load falls on both alike.
+empty database with the schema, configured as a first run is (a
+`shiftchange.yaml` in the working directory), one after another (as
+hyperfine would), and prints one JSON line per database and checkout:
+median, p90, min and max wall time in ms, the median CPU time (which a busy
+machine does not inflate), and the load average. `--before` also runs
+another checkout (e.g. `git worktree add /tmp/before main`), taking turns
+run by run, so a shared machine's load falls on both alike. Two more lines
+per database, measured in the same turns, give the floor no command can go
+under on this machine: `python -c pass` ("interpreter") and importing the
+database's driver ("driver").
 """
 
 import argparse
@@ -27,20 +31,27 @@ from pathlib import Path
 from benchmarks.procs import REPO, fresh_database, temp_workdir
 
 
-def time_command(code: Path, url: str, words: list[str], workdir: Path) -> tuple[float, float]:
-    """One run: (wall time, CPU time used) in ms, interpreter start to exit.
-    On a busy machine the wall time grows with the load; the CPU time
-    (user + system, from the kernel's accounting) does not."""
-    env = dict(os.environ, PYTHONPATH=str(code), SHIFTCHANGE_DATABASE_URL=url)
-    env.pop("SHIFTCHANGE_CONFIG", None)
+DRIVERS = {"sqlite": "sqlite3", "postgresql": "psycopg", "mariadb": "pymysql"}
+
+
+def time_command(code: Path, argv: list[str], workdir: Path) -> tuple[float, float]:
+    """One run of `python ARGV`: (wall time, CPU time used) in ms,
+    interpreter start to exit. On a busy machine the wall time grows with
+    the load; the CPU time (user + system, from the kernel's accounting)
+    does not."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIFTCHANGE_")}
+    env["PYTHONPATH"] = str(code)
+    # An installed package has its bytecode compiled; the warm-up run writes
+    # it for a checkout (without it, each run compiles the project's modules).
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     used_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "supervisor", *words], cwd=workdir, env=env,
+    done = subprocess.run([sys.executable, *argv], cwd=workdir, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     took = (time.perf_counter() - began) * 1000
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(words)} failed: {done.stderr.strip()}")
+        raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
     cpu = (used.ru_utime - used_before.ru_utime + used.ru_stime - used_before.ru_stime) * 1000
     return took, cpu
 
@@ -56,20 +67,25 @@ def main(argv=None) -> int:
     try:
         for db in options.db.split(","):
             url = fresh_database(db, workdir)
-            codes = {"this": REPO, **({"before": Path(options.before)} if options.before else {})}
-            samples = {label: [] for label in codes}
+            (workdir / "shiftchange.yaml").write_text(f"database:\n  url: {url}\n")
+            command = ["-m", "supervisor", *shlex.split(options.command)]
+            runs = {"this": (REPO, command),
+                    **({"before": (Path(options.before), command)} if options.before else {}),
+                    "interpreter": (REPO, ["-c", "pass"]),
+                    "driver": (REPO, ["-c", f"import {DRIVERS[db]}"])}
+            samples = {label: [] for label in runs}
             loads = []
             for run in range(options.runs + 1):  # the first round warms the page cache; not counted
-                for label, code in codes.items():
-                    took = time_command(code, url, shlex.split(options.command), workdir)
+                for label, (code, argv) in runs.items():
+                    took = time_command(code, argv, workdir)
                     if run:
                         samples[label].append(took)
                 loads.append(os.getloadavg()[0])
-            for label, code in codes.items():
+            for label, (code, argv) in runs.items():
                 ordered = sorted(wall for wall, _ in samples[label])
                 cpu = [cpu for _, cpu in samples[label]]
                 print(json.dumps({
-                    "measurement": "cli_wall_time", "command": options.command, "db": db, "code": label,
+                    "measurement": "cli_wall_time", "command": " ".join(argv), "db": db, "code": label,
                     "n": len(ordered), "median_ms": round(statistics.median(ordered), 1),
                     "p90_ms": round(ordered[int(0.9 * (len(ordered) - 1))], 1),
                     "min_ms": round(ordered[0], 1), "max_ms": round(ordered[-1], 1),

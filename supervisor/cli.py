@@ -8,7 +8,6 @@ import functools
 import json
 import os
 import sys
-from collections import Counter
 from datetime import datetime, timezone
 from typing import Annotated, Optional
 
@@ -16,7 +15,8 @@ import typer
 
 from supervisor.config import load_config, parse_duration
 from supervisor.errors import EXIT_USAGE, ConfigError, InvalidJob, ShiftchangeError
-from supervisor.logs import mask_secrets
+from supervisor.logs import error_line
+from supervisor.status import NONE, show_status
 from supervisor.targets import AllowList, TargetRefused
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -41,7 +41,7 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts
 
 
 def fail(message: str, code: int) -> None:
-    typer.echo(f"shiftchange: error: {mask_secrets(message)}", err=True)
+    typer.echo(error_line(message), err=True)
     raise typer.Exit(code)
 
 
@@ -236,10 +236,6 @@ def warn_if_not_allowed(config, job) -> None:
 # --- reading ------------------------------------------------------------------------------
 
 
-def _age(seconds: float) -> str:
-    return f"{seconds:.1f}s" if seconds < 120 else f"{seconds / 60:.0f}m"
-
-
 @app.command()
 @reports_errors
 def status(
@@ -248,74 +244,9 @@ def status(
     all_: Annotated[bool, typer.Option("--all", help="Also list stopped and dead servers, not just a count.")] = False,
 ):
     """Servers (live ones first, with heartbeat age and jobs in flight) and job counts."""
-    from rich.console import Console
-    from rich.table import Table
-
-    database, snapshot = read_status(config)
-    if json_:
-        print_json(snapshot.to_dict(database))
-        return
-    # Every state is always listed, with 0 when no job is in it.
-    servers, counts, queues, paused = snapshot.servers, snapshot.counts, snapshot.queues, snapshot.paused
-    live = [s for s in servers if s.state in LIVE_STATES]
-    gone = [s for s in servers if s.state not in LIVE_STATES]
-    console = Console()
-    console.print(f"database: {database}", highlight=False, markup=False)
-    console.print(_servers_table(live + gone if all_ else live, servers))
-    if gone and not all_:
-        by_state = ", ".join(f"{n} {state}" for state, n in sorted(Counter(s.state for s in gone).items()))
-        console.print(f"not shown: {by_state} (--all lists them)", highlight=False)
-    totals = Table("queue", *counts.keys(), title="jobs")
-    for name, by_state in sorted(queues.items()):
-        totals.add_row(name + (" (paused)" if name in paused else ""), *(str(by_state.get(state, 0)) for state in counts))
-    totals.add_row("all", *(str(n) for n in counts.values()))
-    console.print(totals)
-
-
-LIVE_STATES = ("running", "stopping")
-
-
-def read_status(config_path):
-    """The database's URL (password masked) and what `status` shows, read
-    through the DB-API driver alone, since importing SQLAlchemy takes longer
-    than `status` may (issue 11); or through a Queue, as before, where
-    dbapi.open_reader leaves it to the engine (see there why)."""
-    from supervisor.dbapi import command_bounds, open_reader
-    from supervisor.snapshot import read_snapshot
-
-    settings = load_config(config_path)
-    bounds = command_bounds(settings.server.heartbeat_interval, settings.server.dead_after)
-    reader = open_reader(settings.database.url, bounds, settings.database.sqlite_synchronous)
-    if reader is None:
-        from supervisor.queue import Queue
-
-        with Queue(settings.database.url, defaults=settings, create=False) as q:
-            return q.database, q.snapshot()
-    with reader:
-        return reader.database, read_snapshot(reader.fetch, reader.dialect)
-
-
-def _servers_table(shown, every):
-    from rich.table import Table
-
-    releases = any(s.release for s in every)
-    table = Table("name", "host", "pid", "state", "heartbeat", "jobs", *(["release"] if releases else []),
-                  "version", title="servers")
-    labels = server_labels(every)
-    for s in shown:
-        table.add_row(labels[s.id], s.host, str(s.pid), s.shown_state, _age(s.heartbeat_age) + " ago",
-                      ",".join(map(str, s.jobs)) or NONE, *([s.release or NONE] if releases else []),
-                      s.version or "0.1.0")
-    return table
-
-
-def server_labels(servers) -> dict[str, str]:
-    """id -> what a person reads: the server's name, with the start of its id
-    where several servers listed share that name (restarts keep names)."""
-    ids_of = {}
-    for s in servers:
-        ids_of.setdefault(s.name, []).append(s.id)
-    return {s.id: s.name if len(ids_of[s.name]) == 1 else f"{s.name}#{s.id[:6]}" for s in servers}
+    # supervisor/entry.py runs most status command lines without Typer; this
+    # is the same command for the rest (--help, and what Typer must report).
+    show_status(config, json_, all_)
 
 
 def _name_labels(pairs) -> dict[str, str]:
@@ -401,8 +332,6 @@ def job(job_id: Annotated[int, typer.Argument(metavar="ID")], config: ConfigOpti
     for e in found.events:
         typer.echo(f"  {e.to_dict()['at']}  {e.kind:<15} {labels.get(e.server, NONE):<20} {e.detail or ''}")
 
-
-NONE = "-"  # how every command shows "nothing here"
 
 
 def _job_fields(job) -> list[tuple[str, str]]:

@@ -18,6 +18,11 @@ def mask_secrets(text: str) -> str:
     return _URL_PASSWORD.sub(r"\1***@", text)
 
 
+def error_line(message: str) -> str:
+    """The one line every command prints on stderr for an expected error."""
+    return f"shiftchange: error: {mask_secrets(message)}"
+
+
 class _MaskSecrets(logging.Filter):
     def filter(self, record):
         record.msg = mask_secrets(record.getMessage())

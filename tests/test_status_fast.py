@@ -137,8 +137,50 @@ def test_status_never_imports_sqlalchemy(db_url, tmp_path, args):
                          capture_output=True, text=True, timeout=60, env=env)
     assert ran.returncode == 0, ran.stderr[-2000:]
     modules = imported(ran.stderr)
-    assert "supervisor" in modules and "typer" in modules  # it did read the import lines
-    assert not modules & {"sqlalchemy", "alembic", "croniter"}, sorted(modules)
+    assert "supervisor" in modules and "psutil" not in modules  # it did read the import lines
+    assert not modules & {"sqlalchemy", "alembic", "croniter", "typer"}, sorted(modules)
+
+
+def shiftchange(*args: str, cwd) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIFTCHANGE_")} | {"COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "supervisor", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, env=env)
+
+
+@pytest.mark.parametrize("args", [
+    [], ["--json"], ["--all"], ["--all", "--json", "--all"], ["--config", "shiftchange.yaml"],
+    ["-c", "shiftchange.yaml", "--json"], ["--config=shiftchange.yaml"], ["--config", "absent.yaml"],
+], ids=["table", "json", "all", "flags twice", "--config", "-c", "--config=", "absent config"])
+def test_the_executable_runs_status_as_the_typer_command_does(db_url, tmp_path, args):
+    """supervisor/entry.py runs these without Typer: the same output,
+    errors and exit code as the Typer command."""
+    from supervisor.entry import status_options
+
+    assert status_options(["status", *args]) is not None
+    a_busy_queue(db_url)
+    configure(tmp_path, db_url)
+    direct = shiftchange("status", *args, cwd=tmp_path)
+    through_typer = CliRunner().invoke(app, ["status", *args], catch_exceptions=False)
+    assert (direct.returncode, without_ages(direct.stdout), direct.stderr) == (
+        through_typer.exit_code, without_ages(through_typer.stdout), through_typer.stderr)
+    assert direct.returncode == (2 if "absent.yaml" in args else 0), direct.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["status", "--help"], ["status", "-h"], ["status", "--jsn"], ["status", "--config"], ["status", "-c", "--json"],
+    ["status", "extra"], ["jobs"], [], ["--help"], ["status", "--config="],
+])
+def test_every_other_command_line_is_left_to_typer(argv):
+    from supervisor.entry import status_options
+
+    assert status_options(argv) is None
+
+
+def test_status_help_and_typos_are_still_typers(tmp_path):
+    helped = shiftchange("status", "--help", cwd=tmp_path)
+    assert helped.returncode == 0 and "--all" in helped.stdout and "--json" in helped.stdout
+    typo = shiftchange("status", "--jsn", cwd=tmp_path)
+    assert typo.returncode == 2 and "No such option" in typo.stderr and "--jsn" in typo.stderr
 
 
 def set_versions(url: str, revision: str, marker: str) -> None:

@@ -18,7 +18,7 @@ import psutil
 from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
-from benchmarks.procs import Supervisor, fresh_database, read_marker, summary, wait_until
+from benchmarks.procs import StateCounter, Supervisor, fresh_database, read_marker, summary, wait_until
 from supervisor import Queue
 from supervisor.errors import StorageUnavailable
 from supervisor.jobspec import new_job
@@ -49,17 +49,19 @@ def handoff_once(kind, workdir, n, tag, code=None, jobs=None, shutdown=None) -> 
         queue.storage.enqueue(*(new_job(SPIN, [str(marker)]) for marker in markers))
         sup = Supervisor(url, workdir, f"h-{tag}", code=code, server={"concurrency": n}, jobs=jobs or {},
                          shutdown=shutdown or {})
+        counted = StateCounter(url)
         try:
             sup.wait_registered(queue)
             # In flight = every job's code running, not merely claimed.
             wait_until(lambda: all(marker.exists() for marker in markers), 60, 0.01)
             sent = clock()
             sup.kill(signal.SIGTERM)
-            wait_until(lambda: queue.counts().get("enqueued", 0) == n, 10)
+            wait_until(lambda: counted("enqueued") == n, 10)
             observed = (clock() - sent) * 1000
             sup.proc.wait(30)
             return sup.handoff_ms(), observed
         finally:
+            counted.close()
             sup.destroy()
 
 

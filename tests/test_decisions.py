@@ -4,6 +4,7 @@ records its calls stands in for the database, so each rule is checked on
 its own in milliseconds. The end-to-end tests prove the same rules with
 real supervisors; these say which rule broke."""
 
+import os
 import signal
 
 import pytest
@@ -15,7 +16,7 @@ from supervisor.jobprocess import reason_to_retire
 from supervisor.loop import Supervisor, describe_outcome
 from supervisor.records import Job
 from supervisor.shutdown import HOLD_MARGIN_S, shut_down
-from supervisor.storage import Requeued
+from supervisor.storage import Beat, Requeued
 
 
 class FakeClock:
@@ -172,6 +173,40 @@ def test_sigtstp_makes_a_server_quiet_without_stopping_it():
     sup._queue_signal(signal.SIGTSTP, None)
     sup.handle_signals()
     assert sup.quiet and sup.quiet_wanted and sup.stop_signal is None
+
+
+class SignalDuringBeat:
+    """A storage whose heartbeat call the deploy's SIGTERM interrupts; it
+    records every other database call the turn makes (and fails it, as an
+    unreachable database would, which each step of a turn outlives)."""
+
+    def __init__(self, sup):
+        self.sup, self.calls = sup, []
+
+    def beat(self, server_id, chores, recurring=False):
+        self.calls.append("beat")
+        self.sup._queue_signal(signal.SIGTERM, None)  # arrives while the heartbeat waits for the database
+        return Beat("running", tuple(chores), now=self.sup.clock())
+
+    def __getattr__(self, verb):
+        def call(*args, **kwargs):
+            self.calls.append(verb)
+            raise StorageUnavailable("recorded, not run")  # every step survives this
+
+        return call
+
+
+def test_a_stop_signal_during_a_turn_is_answered_before_the_turns_next_database_call():
+    clock = FakeClock(100.0)
+    sup = supervisor(clock)
+    sup.storage, sup.server_id = SignalDuringBeat(sup), "s1"
+    sup.wakeup_r, _ = os.pipe()
+    os.set_blocking(sup.wakeup_r, False)  # as install_signals makes it
+    sup.next_beat = sup.next_claim = sup.next_recurring = 100.0  # the whole turn is due
+    sup.tick()
+    # No chores (reaping, promoting), no lease check, no recurring tick, no claim:
+    # the shutdown sequence runs next.
+    assert sup.storage.calls == ["beat"] and sup.stop_signal == signal.SIGTERM
 
 
 # --- the shutdown sequence, in order ---------------------------------------------------------

@@ -865,7 +865,7 @@ def describe_outcome(job, kind: str, state: str, error: str | None) -> str:
 
 def run_supervisor(config: Config) -> int:
     """`shiftchange run`: serve until stopped; returns the exit code."""
-    from supervisor.shutdown import BoundedCalls, shut_down, stop_after_external_handoff
+    from supervisor.shutdown import shut_down, stop_after_external_handoff
 
     set_title(f"shiftchange: supervisor {config.server.name}")
     sup = Supervisor(config)
@@ -874,8 +874,7 @@ def run_supervisor(config: Config) -> int:
     if not sup.start():
         event("stopped before registering: nothing to hand off", event="stopped")
         return EXIT_OK
-    bounded = BoundedCalls()  # before any child is forked: see its docstring
     sup.serve()
     if sup.exit_requested:
-        return stop_after_external_handoff(sup, bounded)
-    return shut_down(sup, bounded)
+        return stop_after_external_handoff(sup)
+    return shut_down(sup)

@@ -9,13 +9,14 @@ module decides the order and the bounds, the Supervisor does the work.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
-import queue
 import signal
-import threading
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from supervisor import systemd
+from supervisor.dbapi import SQLITE_BUSY_TIMEOUT_S
 from supervisor.errors import EXIT_FAILURE, EXIT_OK
 from supervisor.logs import event
 
@@ -23,20 +24,22 @@ if TYPE_CHECKING:
     from supervisor.loop import Supervisor
 
 HOLD_MARGIN_S = 2.0  # on top of kill_after: SIGKILL and reaping take time too
-STORAGE_BOUND_S = 2.0  # how long a shutdown step may wait for the database
 
 
-def shut_down(sup: Supervisor, bounded: BoundedCalls | None = None) -> int:
-    """Run the sequence on `sup`; returns the exit code. `bounded`: the
-    thread for its storage calls, best started long before (BoundedCalls)."""
-    _bounded = bounded or BoundedCalls()
+def shut_down(sup: Supervisor) -> int:
+    """Run the sequence on `sup`; returns the exit code."""
     settings = sup.config.shutdown
     began = sup.stop_signal_at or sup.clock()
     why = sup.stop_reason()
     sup.stop_claiming()  # 1.
     _drain(sup, settings.drain)  # 2. jobs that finish now complete normally
-    hold = _hold(sup, settings.kill_after)
-    committed, held = _bounded(  # 3. the handoff, in one transaction
+    with _backstop(sup, settings.kill_after):
+        return _hand_off_and_stop(sup, began, why, settings.kill_after)
+
+
+def _hand_off_and_stop(sup: Supervisor, began: float, why: str, kill_after: float) -> int:
+    hold = _hold(sup, kill_after)
+    committed, held = _call(  # 3. the handoff, in one transaction
         lambda: sup.storage.handoff(sup.server_id, hold, why)
     )
     sup.ignore_outcomes()  # what the children do from here on is not recorded
@@ -50,9 +53,9 @@ def shut_down(sup: Supervisor, bounded: BoundedCalls | None = None) -> int:
               "will be requeued when other servers see this one is dead", held,
               level=logging.ERROR, event="handoff_failed", server=sup.server_id)
     systemd.notify("STOPPING=1", "STATUS=handing off")  # 4.
-    _stop_children(sup, settings.kill_after)  # 5.
+    _stop_children(sup, kill_after)  # 5.
     if committed:  # 6. release the hold: the old runs are dead
-        released, _ = _bounded(lambda: sup.storage.release_handoff(sup.server_id, held))
+        released, _ = _call(lambda: sup.storage.release_handoff(sup.server_id, held))
         if not released:
             event("could not release the hold; it expires by itself", level=logging.WARNING)
     ms = (sup.clock() - began) * 1000
@@ -95,43 +98,42 @@ def _stop_children(sup: Supervisor, kill_after: float) -> None:
     sup.kill_all("shutdown: kill_after passed")
 
 
-class BoundedCalls:
-    """Runs a storage call for at most STORAGE_BOUND_S: (True, its result),
-    or (False, the error). A hung database must not hold the children alive
-    past the platform's grace, so the call runs in a thread we can abandon
-    (the only thread the supervisor ever starts).
-
-    The thread is started with the supervisor, not at SIGTERM: a new thread
-    is scheduled behind every runnable process, which beside 64 CPU-bound
-    jobs took up to 200 ms; one already waiting is woken like any sleeper
-    (docs/benchmarks.md, section 10). While it waits it holds no lock, so
-    the children forked meanwhile inherit none."""
-
-    def __init__(self):
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        threading.Thread(target=self._serve, name="bounded storage calls", daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            call, outcome, done = self._calls.get()
-            try:
-                outcome["value"] = call()
-            except Exception as exc:  # reported by the caller, not lost
-                outcome["error"] = exc
-            done.set()
-
-    def __call__(self, call) -> tuple[bool, object]:
-        outcome, done = {}, threading.Event()
-        self._calls.put((call, outcome, done))
-        done.wait(STORAGE_BOUND_S)
-        if "value" in outcome:
-            return True, outcome["value"]
-        return False, outcome.get("error", f"no answer within {STORAGE_BOUND_S:g}s")
+def _call(call) -> tuple[bool, object]:
+    """A storage call of the sequence: (True, its result), or (False, the
+    error). It runs right here, on the main thread, bounded as every
+    database call is (database bounds: each round trip, each connect,
+    SQLite's busy timeout). It used to run on a thread of its own, bounded
+    at 2 s: the two wake-ups that took (the thread's, then ours) cost 1-15 ms
+    each beside 64 CPU-bound jobs, most of the handoff (docs/benchmarks.md,
+    section 10)."""
+    try:
+        return True, call()
+    except Exception as exc:  # reported by the caller, not lost
+        return False, exc
 
 
-def stop_after_external_handoff(sup: Supervisor, bounded: BoundedCalls | None = None) -> int:
+@contextmanager
+def _backstop(sup: Supervisor, kill_after: float):
+    """For what no database bound covers (a DNS lookup on a dead network,
+    a disk that hangs): if the sequence is still running when its two
+    storage calls and kill_after, each at its bound, should have ended it,
+    faulthandler's own thread writes where the process is stuck to stderr
+    and exits 1; the children kill their jobs' trees when their lifeline
+    closes, and the crash path requeues the jobs. Arming it starts that
+    thread (plain C, no GIL), which nothing on the way to the commit waits
+    for."""
+    bounds = sup.db_bounds
+    per_call = max(bounds.connect + bounds.statement, SQLITE_BUSY_TIMEOUT_S)
+    faulthandler.dump_traceback_later(2 * per_call + kill_after + HOLD_MARGIN_S, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def stop_after_external_handoff(sup: Supervisor) -> int:
     """Another process (`shiftchange handoff`) already requeued our jobs and
     our children are dead: just record that this server has stopped."""
-    done, _ = (bounded or BoundedCalls())(lambda: sup.storage.release_handoff(sup.server_id, []))
+    done, _ = _call(lambda: sup.storage.release_handoff(sup.server_id, []))
     event("stopped (handed off from outside)", event="stopped", server=sup.server_id)
     return EXIT_OK if done else EXIT_FAILURE

@@ -107,6 +107,8 @@ def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUND
         # transactions, so none is ever open at a fork.
         driver_args = connect_args(dialect, bounds, parsed)
         pooling = {"pool_pre_ping": pre_ping}
+        if dialect in ("mysql", "mariadb"):
+            pooling["pool_reset_on_return"] = None  # _reset_open_transactions does it
         if dialect == "sqlite" and keep_connection:
             pooling = {"poolclass": StaticPool}
             driver_args["check_same_thread"] = False  # used by one thread at a time
@@ -123,6 +125,7 @@ def make_engine(url: str, pre_ping: bool = False, bounds: Bounds = DEFAULT_BOUND
         _bound_psycopg(engine, bounds.statement)
     elif dialect in ("mysql", "mariadb"):
         _bound_mysql_server(engine, bounds.statement)
+        _reset_open_transactions(engine)
     elif dialect == "sqlite":
         check_sqlite_path(url, parsed.database)
         _create_private_file(parsed.database)
@@ -150,6 +153,38 @@ def _bound_mysql_server(engine: Engine, seconds: float) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection, _record):
         bound_mysql_session(dbapi_connection, seconds)
+
+
+def _reset_open_transactions(engine: Engine) -> None:
+    """The pool rolls back every connection it is given back, to end any
+    transaction left open. PyMySQL sends that ROLLBACK even when none is
+    (psycopg and sqlite3 know better), so a transaction that committed cost
+    one more round trip: every heartbeat, claim and outcome, and the sixth
+    of a handoff's. Here a connection is rolled back unless the last thing
+    SQLAlchemy did on it since it was checked out was to end its
+    transaction; one used any other way (raw_connection) always is. The
+    engine is made with pool_reset_on_return=None: this is its only reset."""
+    open_ = "shiftchange_in_transaction"
+
+    @event.listens_for(engine, "checkout")
+    def checked_out(_dbapi_connection, record, _proxy):
+        record.info[open_] = True  # unknown until SQLAlchemy ends a transaction on it
+
+    @event.listens_for(engine, "begin")
+    def begun(conn):
+        if not conn.invalidated:  # (a lost connection is never reused)
+            conn.connection.info[open_] = True
+
+    @event.listens_for(engine, "commit")
+    @event.listens_for(engine, "rollback")
+    def ended(conn):
+        if not conn.invalidated:
+            conn.connection.info[open_] = False
+
+    @event.listens_for(engine, "reset")
+    def reset(dbapi_connection, record, state):
+        if record is not None and record.info.get(open_, True) and not state.terminate_only:
+            dbapi_connection.rollback()
 
 
 def _create_private_file(path: str | None) -> None:

@@ -557,13 +557,14 @@ class Supervisor:
         self._note_quiet(state == "quiet" or self.quiet_wanted, "asked from outside")
         for child in self.running.values():
             child.renew(self.fence_deadline())
-        if self._stop_now():
-            return  # the chores can wait for the next beat, or another server
-        self._kill_runs_of_lost_jobs()
+        # Each step from here is a database call or more; a stop signal ends
+        # the list (the chores fall to the next interval's server).
         try:
-            self.do_chores(beat.chores)
-            self.record_pending()
-            self.watch_recurring(beat.recurring)
+            for step in (self._kill_runs_of_lost_jobs, *self._chores(beat.chores), self.record_pending,
+                         lambda: self.watch_recurring(beat.recurring)):
+                if self._stop_now():
+                    return
+                step()
         except StorageUnavailable as exc:
             event("reaping, promotion and retention skipped until the next heartbeat: %s", exc,
                   level=logging.WARNING, event="db_unreachable")
@@ -719,13 +720,11 @@ class Supervisor:
         every = self.config.server.heartbeat_interval * 0.8
         return {"reap": every, "promote": every, "sweep": SWEEP_EVERY_S}
 
-    def do_chores(self, chores) -> None:
-        if "reap" in chores:
-            self._reap_dead_servers()  # invariant 1: a dead server's jobs are requeued
-        if "promote" in chores:
-            self.storage.promote_due()
-        if "sweep" in chores:
-            self._sweep()
+    def _chores(self, chores) -> list:
+        """The fleet chores this heartbeat took, as steps to run."""
+        steps = {"reap": self._reap_dead_servers,  # invariant 1: a dead server's jobs are requeued
+                 "promote": self.storage.promote_due, "sweep": self._sweep}
+        return [steps[chore] for chore in steps if chore in chores]
 
     # --- recurring jobs --------------------------------------------------------------
 

@@ -175,38 +175,42 @@ def test_sigtstp_makes_a_server_quiet_without_stopping_it():
     assert sup.quiet and sup.quiet_wanted and sup.stop_signal is None
 
 
-class SignalDuringBeat:
-    """A storage whose heartbeat call the deploy's SIGTERM interrupts; it
-    records every other database call the turn makes (and fails it, as an
-    unreachable database would, which each step of a turn outlives)."""
+class SignalDuring:
+    """A storage that records every database call a turn makes, and brings
+    the deploy's SIGTERM while `verb` waits for the database. Every call
+    but the heartbeat fails, as an unreachable database would: each step
+    of a turn outlives that."""
 
-    def __init__(self, sup):
-        self.sup, self.calls = sup, []
-
-    def beat(self, server_id, chores, recurring=False):
-        self.calls.append("beat")
-        self.sup._queue_signal(signal.SIGTERM, None)  # arrives while the heartbeat waits for the database
-        return Beat("running", tuple(chores), now=self.sup.clock())
+    def __init__(self, sup, verb):
+        self.sup, self.verb, self.calls = sup, verb, []
 
     def __getattr__(self, verb):
         def call(*args, **kwargs):
             self.calls.append(verb)
-            raise StorageUnavailable("recorded, not run")  # every step survives this
+            if verb == self.verb:
+                self.sup._queue_signal(signal.SIGTERM, None)
+            if verb == "beat":  # every fleet chore taken by this heartbeat
+                return Beat("running", tuple(args[1]), now=self.sup.clock())
+            raise StorageUnavailable("recorded, not run")
 
         return call
 
 
-def test_a_stop_signal_during_a_turn_is_answered_before_the_turns_next_database_call():
+@pytest.mark.parametrize("during, calls", [
+    ("beat", ["beat"]),
+    ("lost_leases", ["beat", "lost_leases"]),  # the lease check after the heartbeat
+])
+def test_a_stop_signal_during_a_turn_is_answered_before_the_turns_next_database_call(during, calls):
     clock = FakeClock(100.0)
     sup = supervisor(clock)
-    sup.storage, sup.server_id = SignalDuringBeat(sup), "s1"
+    sup.storage, sup.server_id = SignalDuring(sup, during), "s1"
     sup.wakeup_r, _ = os.pipe()
     os.set_blocking(sup.wakeup_r, False)  # as install_signals makes it
     sup.next_beat = sup.next_claim = sup.next_recurring = 100.0  # the whole turn is due
     sup.tick()
-    # No chores (reaping, promoting), no lease check, no recurring tick, no claim:
-    # the shutdown sequence runs next.
-    assert sup.storage.calls == ["beat"] and sup.stop_signal == signal.SIGTERM
+    # No more calls (chores, pending outcomes, recurring ticks, a claim): the
+    # shutdown sequence runs next.
+    assert sup.storage.calls == calls and sup.stop_signal == signal.SIGTERM
 
 
 # --- the shutdown sequence, in order ---------------------------------------------------------

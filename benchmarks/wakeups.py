@@ -65,6 +65,7 @@ def process_round_trips(samples: int) -> list[float]:
     reply_r, reply_w = os.pipe()
     pid = os.fork()
     if pid == 0:
+        os.close(ask_w)  # so that the read below ends when the parent closes its end
         while os.read(ask_r, 1):
             os.write(reply_w, b"x")
         os._exit(0)

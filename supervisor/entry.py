@@ -1,8 +1,8 @@
 """The `shiftchange` executable (and `python -m supervisor`).
 
 A `status` command line that uses only status's own options goes straight
-to supervisor/status.py, which starts in well under the 0.3 s that issue 11
-asks of it; importing Typer alone takes about 35 ms of that. Every other
+to supervisor/status.py, which must start fast (issue 11: at most 0.3 s;
+importing Typer alone took about 35 ms of it). Every other
 command line, a status line this does not recognise included (`--help`, a
 typo, an option in a form not parsed here), goes to the Typer app in
 supervisor/cli.py, which parses and reports it as it always did: this only

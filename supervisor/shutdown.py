@@ -103,7 +103,7 @@ def _call(call) -> tuple[bool, object]:
     error). It runs right here, on the main thread, bounded as every
     database call is (database bounds: each round trip, each connect,
     SQLite's busy timeout). It used to run on a thread of its own, bounded
-    at 2 s: the two wake-ups that took (the thread's, then ours) cost 1-15 ms
+    at 2 s: the two wake-ups that hop took (the thread's, then ours) cost 1-15 ms
     each beside 64 CPU-bound jobs, most of the handoff (docs/benchmarks.md,
     section 10)."""
     try:

@@ -184,6 +184,14 @@ class Procs:
         prefix = f"{self.run_id}:"
         for pid in pids_with_tag(lambda t: t.startswith(prefix)):
             _kill(pid, signal.SIGKILL)
+        # A process that rewrites its title (Celery's main process, through
+        # setproctitle) may overwrite the environment that carries the tag:
+        # the process group of each main process we started finds it anyway.
+        for proc in self.mains.values():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         for name in self.mains:
             self._reap(name)
         wait_until(lambda: not pids_with_tag(lambda t: t.startswith(prefix)), 10.0)

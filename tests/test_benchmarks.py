@@ -46,13 +46,14 @@ def test_the_quick_benchmarks_run_and_print_one_json_line_per_measurement():
 
 @pytest.mark.timeout(290)
 def test_the_issue_11_benchmarks_run_small_and_print_json():
-    """benchmarks.under_load, bulk_enqueue, cli_startup, sqlite_durability."""
+    """benchmarks.under_load, bulk_enqueue, cli_startup, sqlite_durability, wakeups."""
     commands = [
         ["benchmarks.under_load", "--db", "sqlite", "--jobs", "2", "--runs", "1", "--seconds", "1",
          "--scheduling", "normal,idle"],
         ["benchmarks.bulk_enqueue", "--db", "sqlite", "--jobs", "300", "--cli"],
         ["benchmarks.cli_startup", "--db", "sqlite", "--runs", "1"],
         ["benchmarks.sqlite_durability", "--commits", "5", "--rounds", "1"],
+        ["benchmarks.wakeups", "--spinners", "2", "--samples", "3"],
     ]
     for command in commands:
         done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=250,

@@ -16,6 +16,12 @@ BENCH_DB = SESSION_DB + "_bench"
 BENCH_ENV = dict(os.environ, SHIFTCHANGE_BENCH_DB=BENCH_DB)
 
 
+def bench_env(tmp_path) -> dict:
+    """Their work directories under tmp_path, not the shared temp directory,
+    which test_security checks stays free of anything of ours."""
+    return dict(BENCH_ENV, TMPDIR=str(tmp_path))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _drop_the_bench_database():
     yield
@@ -28,10 +34,10 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.timeout(290)  # ~40 s on a quiet machine; the subprocess has its own bound
-def test_the_quick_benchmarks_run_and_print_one_json_line_per_measurement():
+def test_the_quick_benchmarks_run_and_print_one_json_line_per_measurement(tmp_path):
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "run", "--quick", "--db", "sqlite,postgresql"],
-        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=BENCH_ENV,
+        capture_output=True, text=True, timeout=300, cwd=REPO_ROOT, env=bench_env(tmp_path),
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = [json.loads(line) for line in done.stdout.splitlines()]
@@ -45,7 +51,7 @@ def test_the_quick_benchmarks_run_and_print_one_json_line_per_measurement():
 
 
 @pytest.mark.timeout(290)
-def test_the_issue_11_benchmarks_run_small_and_print_json():
+def test_the_issue_11_benchmarks_run_small_and_print_json(tmp_path):
     """benchmarks.under_load, bulk_enqueue, cli_startup, sqlite_durability, wakeups."""
     commands = [
         ["benchmarks.under_load", "--db", "sqlite", "--jobs", "2", "--runs", "1", "--seconds", "1",
@@ -57,7 +63,7 @@ def test_the_issue_11_benchmarks_run_small_and_print_json():
     ]
     for command in commands:
         done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=250,
-                              cwd=REPO_ROOT)
+                              cwd=REPO_ROOT, env=bench_env(tmp_path))
         assert done.returncode == 0, done.stderr[-3000:]
         results = [json.loads(line) for line in done.stdout.splitlines()]
         assert results and all("measurement" in r for r in results), done.stdout

@@ -34,9 +34,12 @@ def postgres_or_skip() -> None:
         pytest.skip(message)
 
 
-def chaos(*args: str, timeout: float) -> dict:
-    """Run `python -m chaos ARGS`; its JSON report, asserting a clean exit."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+def chaos(*args: str, timeout: float, tmp_path) -> dict:
+    """Run `python -m chaos ARGS`; its JSON report, asserting a clean exit.
+    Its run directory goes under `tmp_path`, not the shared temp directory,
+    which test_security checks stays free of anything of ours."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+               TMPDIR=str(tmp_path))
     try:
         done = subprocess.run([sys.executable, "-m", "chaos", *args], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=timeout)
@@ -50,9 +53,9 @@ def chaos(*args: str, timeout: float) -> dict:
 
 @pytest.mark.exclusive  # it restarts PostgreSQL
 @pytest.mark.timeout(240)
-def test_chaos_on_postgresql_keeps_every_invariant():
+def test_chaos_on_postgresql_keeps_every_invariant(tmp_path):
     postgres_or_skip()
-    report = chaos("run", "--db", "postgresql", "--seconds", "20", "--jobs", "60", timeout=220)
+    report = chaos("run", "--db", "postgresql", "--seconds", "20", "--jobs", "60", timeout=220, tmp_path=tmp_path)
     assert sum(report["states"].values()) == 60
     assert report["states"].get("failed", 0) == report["designed_to_fail"]
     assert sum(report["actions"].values()) >= 5
@@ -65,16 +68,16 @@ def test_chaos_on_postgresql_keeps_every_invariant():
 
 
 @pytest.mark.timeout(240)
-def test_chaos_on_sqlite_shared_by_three_supervisors_keeps_every_invariant():
-    report = chaos("run", "--db", "sqlite", "--seconds", "20", "--jobs", "60", timeout=220)
+def test_chaos_on_sqlite_shared_by_three_supervisors_keeps_every_invariant(tmp_path):
+    report = chaos("run", "--db", "sqlite", "--seconds", "20", "--jobs", "60", timeout=220, tmp_path=tmp_path)
     assert sum(report["states"].values()) == 60
     assert report["states"].get("failed", 0) == report["designed_to_fail"]
     assert [f["fault"] for f in report["db_faults"]] == ["stall", "outage"]
 
 
 @pytest.mark.timeout(300)
-def test_load_loses_no_job_and_runs_none_twice():
+def test_load_loses_no_job_and_runs_none_twice(tmp_path):
     postgres_or_skip()
-    report = chaos("load", "--db", "postgresql", "--jobs", "2000", timeout=280)
+    report = chaos("load", "--db", "postgresql", "--jobs", "2000", timeout=280, tmp_path=tmp_path)
     assert report["states"] == {"succeeded": 2000}
     assert report["claimed_twice"] == report["succeeded_twice"] == 0

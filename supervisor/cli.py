@@ -16,7 +16,7 @@ import typer
 from supervisor.config import load_config, parse_duration
 from supervisor.errors import EXIT_USAGE, ConfigError, InvalidJob, ShiftchangeError
 from supervisor.logs import error_line
-from supervisor.status import NONE, show_status
+from supervisor.status import NONE, print_json, show_status
 from supervisor.targets import AllowList, TargetRefused
 
 HELP = {"help_option_names": ["-h", "--help"]}
@@ -65,10 +65,6 @@ def open_queue(config_path, create: bool = False):
     from supervisor.queue import Queue
 
     return Queue.from_config(config_path, create=create)
-
-
-def print_json(data) -> None:
-    typer.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
 # --- run ---------------------------------------------------------------------------

@@ -19,6 +19,12 @@ LIVE_STATES = ("running", "stopping")
 NONE = "-"  # how every command shows "nothing here"
 
 
+def print_json(data) -> None:
+    """What every command's --json prints (here, not in cli.py, so that
+    `status` shares it without importing Typer)."""
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
 def run_status(config_path: str | None, json_: bool, all_: bool) -> int:
     """`status` outside Typer: its output and exit code, an expected error
     as the one line on stderr that every command prints."""
@@ -38,7 +44,7 @@ def show_status(config_path: str | None, json_: bool, all_: bool) -> None:
 
     database, snapshot = read_status(config_path)
     if json_:
-        print(json.dumps(snapshot.to_dict(database), indent=2, ensure_ascii=False))
+        print_json(snapshot.to_dict(database))
         return
     # Every state is always listed, with 0 when no job is in it.
     servers, counts, queues, paused = snapshot.servers, snapshot.counts, snapshot.queues, snapshot.paused

@@ -138,7 +138,18 @@ def test_status_never_imports_sqlalchemy(db_url, tmp_path, args):
     assert ran.returncode == 0, ran.stderr[-2000:]
     modules = imported(ran.stderr)
     assert "supervisor" in modules and "psutil" not in modules  # it did read the import lines
-    assert not modules & {"sqlalchemy", "alembic", "croniter", "typer"}, sorted(modules)
+    assert not modules & {"sqlalchemy", "alembic", "croniter", "typer", "rich"}, sorted(modules)
+
+
+def test_status_tables_line_up_numbers_right_and_words_left():
+    from supervisor.status import text_table
+
+    assert text_table("jobs", ["queue", "enqueued"], [["default", 7], ["mail (paused)", 12]]).splitlines() == [
+        "jobs",
+        "queue          enqueued",
+        "default               7",
+        "mail (paused)        12",
+    ]
 
 
 def shiftchange(*args: str, cwd) -> subprocess.CompletedProcess:

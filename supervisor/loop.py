@@ -155,7 +155,7 @@ class Supervisor:
         give_up_at = None
         delay = 0.2
         engine = make_engine(self.config.database.url, bounds=self.db_bounds,
-                             sqlite_synchronous=self.config.database.sqlite_synchronous)
+                             sqlite_synchronous=self.config.database.sqlite_synchronous, batches=True)
         while True:
             try:
                 ensure_schema(engine)

@@ -38,7 +38,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
-from supervisor.database import unavailable
+from supervisor.database import MYSQL_MULTI_STATEMENTS, unavailable
 from supervisor.dbtime import db_now
 from supervisor.errors import ActionRefused, InvalidFilter, JobNotFound
 from supervisor.jobspec import QUEUE_NAME, RELEASE_WINDOW_S, NewJob
@@ -975,7 +975,34 @@ class Storage:
         ids = [server_ids] if isinstance(server_ids, str) else list(server_ids)
         write = self._single_statement if self.takes_back_in_one else self._write
         with write() as conn:
+            if ids and _sends_batches(conn):
+                return self._batched_handoff(conn, ids, hold, reason)
             return self._take_back(conn, jobs.c.server_id.in_(ids), "handed_off", reason, hold, stopping=ids)
+
+    def _batched_handoff(self, conn, ids: list[str], hold: float, reason: str) -> list[Requeued]:
+        """handoff() on MySQL/MariaDB in one round trip and the COMMIT,
+        not five: the statements of _take_back sent as one batch (see
+        _mysql_handoff_batch), on a connection of the supervisor's engine
+        (make_engine's `batches`). The server sends their results back
+        together. A statement that fails ends the batch there, with the
+        ones before it done: the connection is dropped, so none of it
+        commits."""
+        values = dict(event_kind="handed_off", why=reason, hold=hold, window=self.release_window,
+                      **{f"server_{i}": server_id for i, server_id in enumerate(ids)})
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(";\n".join(cursor.mogrify(sql, {**fixed, **values})
+                                       for sql, fixed in _mysql_handoff_batch(conn.dialect, len(ids))))
+            rows = cursor.fetchall()  # the first statement's: the locked jobs, before the update
+            while cursor.nextset():
+                pass
+        except self.engine.dialect.loaded_dbapi.Error as exc:
+            conn.invalidate()
+            raise unavailable(self.engine, exc) from None
+        finally:
+            cursor.close()
+        return [Requeued(job_id, lease + 1, interruptions + 1 > max_interruptions, server_id)
+                for job_id, lease, server_id, interruptions, max_interruptions in rows if job_id is not None]
 
     def prepare_handoff(self) -> None:
         """Compile the handoff's statements now, so that the real one at
@@ -984,6 +1011,7 @@ class Storage:
         is several statements, those that only run when there are jobs,
         run on none. Nothing changes."""
         self.handoff([], 0.0, "")
+        _mysql_handoff_batch(self.engine.dialect, 1)
         if not self.takes_back_in_one:
             with self._write() as conn:
                 nothing = dict(event_kind="", why="", hold=0.0, window=self.release_window, ids=[])
@@ -1446,6 +1474,38 @@ def _pg_take_back(which, stopping: bool):
             .values(state="stopping").returning(servers.c.id).cte("stopping")
         )
     return select(taken.c.id, taken.c.lease, taken.c.server_id, taken.c.failed).add_cte(*ctes)
+
+
+def _sends_batches(conn) -> bool:
+    """Does this MySQL/MariaDB connection take several statements in one
+    round trip (PyMySQL, connected with make_engine's `batches`)?"""
+    raw = conn.connection.dbapi_connection
+    return type(raw).__module__.startswith("pymysql") and bool(raw.client_flag & MYSQL_MULTI_STATEMENTS)
+
+
+@functools.lru_cache(maxsize=8)
+def _mysql_handoff_batch(dialect, servers_count: int) -> tuple[tuple[str, dict], ...]:
+    """The handoff of `servers_count` servers as statements that need no
+    result of one another, each (SQL with %(name)s placeholders, the
+    values it fixes): lock the servers' rows and then their processing
+    jobs' (a LEFT JOIN reads the servers first: the order a claim locks
+    them in) and return those jobs; mark the servers stopping; record the
+    events; requeue the jobs. The jobs are the same rows in all three: they
+    are locked, and no claim can add one while the server rows are.
+    Parameters server_0..server_N-1, and those of _take_back."""
+    ids = [bindparam(f"server_{i}", type_=Text) for i in range(servers_count)]
+    processing = (jobs.c.server_id.in_(ids)) & (jobs.c.state == "processing")
+    statements = (
+        select(jobs.c.id, jobs.c.lease, jobs.c.server_id, jobs.c.interruptions, jobs.c.max_interruptions)
+        .select_from(servers.outerjoin(jobs, (jobs.c.server_id == servers.c.id) & (jobs.c.state == "processing")))
+        .where(servers.c.id.in_(ids)).with_for_update(),
+        update(servers).where(servers.c.id.in_(ids), servers.c.state == "running").values(state="stopping"),
+        insert(events).from_select(_EVENT_COLUMNS, select(*_taken_back_event(
+            jobs.c.id, jobs.c.server_id, jobs.c.interruptions + 1 > jobs.c.max_interruptions)).where(processing)),
+        update(jobs).where(processing).ordered_values(*_taken_back_values()),
+    )
+    compiled = [statement.compile(dialect=dialect) for statement in statements]
+    return tuple((str(c), {k: v for k, v in c.params.items() if v is not None}) for c in compiled)
 
 
 _PG_HANDOFF = _pg_take_back(jobs.c.server_id == any_(bindparam("ids", type_=ARRAY(Text))), stopping=True)

@@ -1011,7 +1011,8 @@ class Storage:
         is several statements, those that only run when there are jobs,
         run on none. Nothing changes."""
         self.handoff([], 0.0, "")
-        _mysql_handoff_batch(self.engine.dialect, 1)
+        if self.engine.dialect.name in ("mysql", "mariadb"):
+            _mysql_handoff_batch(self.engine.dialect, 1)  # a server's own handoff, batched
         if not self.takes_back_in_one:
             with self._write() as conn:
                 nothing = dict(event_kind="", why="", hold=0.0, window=self.release_window, ids=[])

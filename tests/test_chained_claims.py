@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, text
 
+from conftest import database_url
 from harness import events_of, read_lines, wait_for
 from supervisor import Queue
 from supervisor.database import Bounds, make_engine
-from supervisor.storage import ClaimNext
+from supervisor.storage import ClaimNext, Storage
 from supervisor.tables import jobs, servers
 from test_storage import claim_one, register
 
@@ -201,14 +202,29 @@ def test_no_job_is_lost_or_run_twice_when_the_slot_gives_up_on_its_write(server_
     assert len(runs(records, first)) == 1 and len(runs(records, second)) == 1
 
 
-def _waiting_on_a_lock(queue, mariadb_statement: str) -> bool:
+@pytest.fixture(params=["postgresql", "mariadb", "mariadb, batched"])
+def handing_off_queue(request, tmp_path):
+    """A Queue on PostgreSQL and MariaDB, and on MariaDB once more with the
+    supervisor's own engine, whose handoff is one batch of statements
+    (Storage._batched_handoff)."""
+    kind, _, batched = request.param.partition(", ")
+    url = database_url(kind, tmp_path)
+    with Queue(url) as q:
+        if batched:
+            q.storage = Storage(make_engine(url, batches=True))
+        yield q
+        q.storage.engine.dispose()
+
+
+def _waiting_on_a_lock(queue, *mariadb_statements: str) -> bool:
     """Is a handoff's statement waiting for a row lock? (MariaDB's lock
-    tables lag behind: there, is the statement that can only be in progress
-    while it waits, `mariadb_statement` (a LIKE pattern), running?)"""
+    tables lag behind: there, is a statement that can only be in progress
+    while it waits, one of `mariadb_statements` (LIKE patterns), running?)"""
     if queue.engine.dialect.name == "postgresql":
         sql = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND datname = current_database()"
     else:
-        sql = f"SELECT count(*) FROM information_schema.PROCESSLIST WHERE info LIKE '{mariadb_statement}'"
+        running = " OR ".join(f"info LIKE '{statement}'" for statement in mariadb_statements)
+        sql = f"SELECT count(*) FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID() AND ({running})"
     with queue.engine.connect() as conn:
         return conn.execute(text(sql)).scalar_one() > 0
 
@@ -227,7 +243,7 @@ def _handoff_in_a_thread(q, sid) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
-def test_a_slots_claim_never_waits_for_a_handoff_that_waits_for_the_slot(server_queue):
+def test_a_slots_claim_never_waits_for_a_handoff_that_waits_for_the_slot(handing_off_queue):
     """A slot's outcome write locks its job's row, then its claim reads the
     server row under a share lock; a handoff locks the server row and the
     jobs' rows (MariaDB: in that order). Were the claim to wait for the
@@ -235,7 +251,7 @@ def test_a_slots_claim_never_waits_for_a_handoff_that_waits_for_the_slot(server_
     MariaDB: error 1213, the handoff not committed). The claim skips a
     locked server row instead: it claims nothing, commits, and the handoff
     goes on without the finished job."""
-    q = server_queue
+    q = handing_off_queue
     sid = register(q)
     q.enqueue("app:f")
     finished = claim_one(q, sid)
@@ -261,13 +277,13 @@ def test_a_slots_claim_never_waits_for_a_handoff_that_waits_for_the_slot(server_
         assert q.get(claimed[0].id).state == "enqueued"
 
 
-def test_a_claim_committed_while_the_handoff_waits_for_it_is_handed_off_too(server_queue):
+def test_a_claim_committed_while_the_handoff_waits_for_it_is_handed_off_too(handing_off_queue):
     """A slot's claim checks its server row under a share lock; a handoff
     that must wait for that lock may have taken its snapshot before the
     claim commits (PostgreSQL runs the handoff as one statement). The job
     claimed then must not stay `processing` under a stopped server until a
     reaper finds it: release_handoff, once every run is dead, takes it back."""
-    q = server_queue
+    q = handing_off_queue
     sid = register(q)
     q.enqueue("app:f")
     running = claim_one(q, sid)
@@ -278,7 +294,8 @@ def test_a_claim_committed_while_the_handoff_waits_for_it_is_handed_off_too(serv
     slot.execute(select(servers.c.id).where(servers.c.id == sid).with_for_update(read=True))
     handoff, handed = _handoff_in_a_thread(q, sid)
     try:
-        assert wait_for(lambda: _waiting_on_a_lock(q, "UPDATE shiftchange_servers SET state=%stopping%"), 10), \
+        assert wait_for(lambda: _waiting_on_a_lock(q, "UPDATE shiftchange_servers SET state=%stopping%",
+                                                     "SELECT shiftchange_jobs.id%LEFT OUTER JOIN%FOR UPDATE"), 10), \
             "the handoff never waited for the slot's lock"
         slot.execute(jobs.update().where(jobs.c.id == late)
                      .values(state="processing", server_id=sid, lease=jobs.c.lease + 1))

@@ -1,17 +1,16 @@
 """The supervisor's handoff on MySQL/MariaDB as one batch of statements
 (storage.Storage._batched_handoff): one round trip and the COMMIT instead of
-five. Real MariaDB; the same handoff through the plain path is the yardstick."""
-
-from concurrent.futures import ThreadPoolExecutor
+five. Real MariaDB; the same handoff through the plain path is the yardstick.
+The batch beside a slot's outcome write and claim: test_chained_claims.py
+(`handing_off_queue`)."""
 
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import select
 
 from conftest import database_url
-from harness import wait_for
 from supervisor import Queue
 from supervisor import storage as storage_module
-from supervisor.database import Bounds, make_engine
+from supervisor.database import make_engine
 from supervisor.errors import StorageUnavailable
 from supervisor.storage import Storage, _sends_batches
 from supervisor.tables import jobs
@@ -99,34 +98,3 @@ def test_a_statement_that_fails_in_the_batch_commits_nothing(mariadb_url, monkey
         assert [q.get(job.id).state for job in claimed] == ["processing"] * 3
         monkeypatch.undo()
         assert len(storage.handoff([server], 5.0, "a deploy")) == 3  # a new connection: it works
-
-
-def test_a_batched_handoff_waits_for_a_job_row_an_outcome_write_holds(mariadb_url):
-    """A run's outcome write that got to the row first wins: the handoff
-    waits for it, then takes back only what is still processing."""
-    with Queue(mariadb_url) as q:
-        # Bounds long enough for a loaded machine: the lock wait, and the
-        # other transaction left idle, would otherwise end at 2 s.
-        patient = Bounds(connect=10, statement=60.0, keepalive_idle=10)
-        storage = Storage(make_engine(mariadb_url, batches=True, bounds=patient))
-        server, claimed = busy_server(q, storage, "s1")
-        with make_engine(mariadb_url, bounds=patient).connect() as other:
-            other.execute(text("UPDATE shiftchange_jobs SET state = 'succeeded', server_id = NULL WHERE id = :id"),
-                          {"id": claimed[0].id})
-            with ThreadPoolExecutor(1) as pool:
-                handing_off = pool.submit(storage.handoff, [server], 5.0, "a deploy")
-                wait_for(lambda: handoff_running(q), 30, "the handoff's batch to wait for the row lock")
-                other.commit()
-                handed = handing_off.result(timeout=30)
-        assert sorted(r.id for r in handed) == [claimed[1].id, claimed[2].id]
-        assert q.get(claimed[0].id).state == "succeeded"
-
-
-def handoff_running(q: Queue) -> bool:
-    """Is the handoff's batch running in this test's database (it cannot
-    end while the row it must lock is held: it is waiting for it)? Not
-    this query itself, whose text holds the pattern."""
-    with q.storage.engine.connect() as conn:
-        return conn.execute(text(
-            "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE DB = DATABASE() AND ID <> CONNECTION_ID()"
-            " AND COMMAND = 'Query' AND INFO LIKE '%LEFT OUTER JOIN shiftchange_jobs%FOR UPDATE%'")).scalar() == 1

@@ -35,6 +35,8 @@ def run_status(config_path: str | None, json_: bool, all_: bool) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        return 1  # whoever read our output is gone (`status | head -1`): nothing to say
     return 0
 
 

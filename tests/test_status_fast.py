@@ -141,6 +141,19 @@ def test_status_never_imports_sqlalchemy(db_url, tmp_path, args):
     assert not modules & {"sqlalchemy", "alembic", "croniter", "typer", "rich"}, sorted(modules)
 
 
+def test_status_into_a_reader_that_leaves_early_ends_quietly(sqlite_url, tmp_path):
+    """`shiftchange status | head -1`: the pipe closes under us."""
+    a_busy_queue(sqlite_url)
+    configure(tmp_path, sqlite_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHIFTCHANGE_")}
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before we write: every write fails
+    with os.fdopen(writer, "wb") as closed_pipe:
+        ran = subprocess.run([sys.executable, "-m", "supervisor", "status", "--all"], cwd=tmp_path, env=env,
+                             stdout=closed_pipe, stderr=subprocess.PIPE, text=True, timeout=60)
+    assert (ran.returncode, ran.stderr) == (1, "")
+
+
 def test_status_tables_line_up_numbers_right_and_words_left():
     from supervisor.status import text_table
 

@@ -159,6 +159,15 @@ def queue(e2e_db_url):
 
 
 @pytest.fixture
+def any_queue(db_url):
+    """A Queue on each of SQLite, PostgreSQL and MariaDB (db_url's)."""
+    from supervisor import Queue
+
+    with Queue(db_url) as q:
+        yield q
+
+
+@pytest.fixture
 def sqlite_url(tmp_path):
     return database_url("sqlite", tmp_path)
 

@@ -11,17 +11,8 @@ import psutil
 import pytest
 
 from harness import read_lines, runs, wait_for
-from supervisor import Queue
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def any_queue(db_url):
-    """A Queue on each of SQLite, PostgreSQL and MariaDB."""
-    with Queue(db_url) as q:
-        yield q
-
 
 
 

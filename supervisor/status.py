@@ -61,10 +61,16 @@ def show_status(config_path: str | None, json_: bool, all_: bool) -> None:
     print(text_table("jobs", ["queue", *counts], [*rows, ["all", *counts.values()]]))
 
 
+# Shown as "?": a server name or host with a terminal escape in it is
+# printed, never obeyed (rich, which drew these tables before, removed only
+# a few control characters and let ESC through).
+_CONTROL_CHARACTERS = dict.fromkeys([*range(32), 127], "?")
+
+
 def text_table(title: str, header: list[str], rows: list[list]) -> str:
     """`title`, then the columns under `header`, padded to line up:
     numbers to the right, the rest to the left."""
-    cells = [header, *([str(cell) for cell in row] for row in rows)]
+    cells = [header, *([str(cell).translate(_CONTROL_CHARACTERS) for cell in row] for row in rows)]
     numeric = [all(isinstance(row[i], int) for row in rows) for i in range(len(header))]
     widths = [max(len(line[i]) for line in cells) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(width) if right else cell.ljust(width)

@@ -163,6 +163,8 @@ def test_status_tables_line_up_numbers_right_and_words_left():
         "default               7",
         "mail (paused)        12",
     ]
+    named = text_table("servers", ["name"], [["evil\x1b]0;owned\x07\x1b[2J"]]).splitlines()
+    assert named[-1] == "evil?]0;owned??[2J"  # a terminal escape in a name is shown, not obeyed
 
 
 def shiftchange(*args: str, cwd) -> subprocess.CompletedProcess:

@@ -945,24 +945,16 @@ class Storage:
             rows = conn.execute(statement, dict(values, ids=list(stopping or ()))).all()
             return [Requeued(row.id, row.lease, row.failed, row.server_id) for row in rows]
         if stopping is not None:
-            conn.execute(
-                update(servers).where(servers.c.id.in_(list(stopping)), servers.c.state == "running")
-                .values(state="stopping")
-            )
+            conn.execute(_mark_stopping(list(stopping)))
         rows = conn.execute(
-            self._for_update(
-                select(jobs.c.id, jobs.c.lease, jobs.c.server_id, jobs.c.interruptions,
-                       jobs.c.max_interruptions)
-                .where(which, jobs.c.state == "processing")
-            )
+            self._for_update(select(*_TAKEN_COLUMNS).where(which, jobs.c.state == "processing"))
         ).all()
         if not rows:
             return []
         ids = [row.id for row in rows]
         conn.execute(_RECORD_TAKEN, dict(values, ids=ids))  # before the update: it reads server_id
         conn.execute(_TAKE_BACK, dict(values, ids=ids))
-        return [Requeued(row.id, row.lease + 1, row.interruptions + 1 > row.max_interruptions, row.server_id)
-                for row in rows]
+        return [_requeued(*row) for row in rows]
 
     def handoff(self, server_ids, hold: float, reason: str) -> list[Requeued]:
         """Step one of a graceful stop, in ONE transaction: the server(s)
@@ -1001,8 +993,7 @@ class Storage:
             raise unavailable(self.engine, exc) from None
         finally:
             cursor.close()
-        return [Requeued(job_id, lease + 1, interruptions + 1 > max_interruptions, server_id)
-                for job_id, lease, server_id, interruptions, max_interruptions in rows if job_id is not None]
+        return [_requeued(*row) for row in rows if row[0] is not None]  # None: a server with no job
 
     def prepare_handoff(self) -> None:
         """Compile the handoff's statements now, so that the real one at
@@ -1442,12 +1433,33 @@ _EVENT_COLUMNS = ["job_id", "at", "kind", "server_id", "detail"]
 _TAKEN_IDS = jobs.c.id.in_(bindparam("ids", expanding=True))
 # Parameters are not named like columns: SQLAlchemy takes such a parameter
 # of an UPDATE for a value to SET.
-_RECORD_TAKEN = insert(events).from_select(
-    _EVENT_COLUMNS,
-    select(*_taken_back_event(jobs.c.id, jobs.c.server_id, jobs.c.interruptions + 1 > jobs.c.max_interruptions))
-    .where(_TAKEN_IDS),
-)
-_TAKE_BACK = update(jobs).where(_TAKEN_IDS).ordered_values(*_taken_back_values())
+# What a take-back reads of each job it takes, before it takes it (_requeued).
+_TAKEN_COLUMNS = (jobs.c.id, jobs.c.lease, jobs.c.server_id, jobs.c.interruptions, jobs.c.max_interruptions)
+
+
+def _requeued(job_id, lease, server_id, interruptions, max_interruptions) -> Requeued:
+    """A job taken back, from its _TAKEN_COLUMNS as they were before."""
+    return Requeued(job_id, lease + 1, interruptions + 1 > max_interruptions, server_id)
+
+
+def _mark_stopping(server_ids):
+    """The servers (ids, or bound parameters) become `stopping`: a handoff."""
+    return update(servers).where(servers.c.id.in_(server_ids), servers.c.state == "running").values(state="stopping")
+
+
+def _record_taken(which):
+    """The events of the processing jobs `which` matches, before the update."""
+    return insert(events).from_select(_EVENT_COLUMNS, select(*_taken_back_event(
+        jobs.c.id, jobs.c.server_id, jobs.c.interruptions + 1 > jobs.c.max_interruptions)).where(which))
+
+
+def _take_back_update(which):
+    """The update of the jobs `which` matches (see Storage._take_back)."""
+    return update(jobs).where(which).ordered_values(*_taken_back_values())
+
+
+_RECORD_TAKEN = _record_taken(_TAKEN_IDS)
+_TAKE_BACK = _take_back_update(_TAKEN_IDS)
 
 
 def _pg_take_back(which, stopping: bool):
@@ -1497,13 +1509,12 @@ def _mysql_handoff_batch(dialect, servers_count: int) -> tuple[tuple[str, dict],
     ids = [bindparam(f"server_{i}", type_=Text) for i in range(servers_count)]
     processing = (jobs.c.server_id.in_(ids)) & (jobs.c.state == "processing")
     statements = (
-        select(jobs.c.id, jobs.c.lease, jobs.c.server_id, jobs.c.interruptions, jobs.c.max_interruptions)
+        select(*_TAKEN_COLUMNS)
         .select_from(servers.outerjoin(jobs, (jobs.c.server_id == servers.c.id) & (jobs.c.state == "processing")))
         .where(servers.c.id.in_(ids)).with_for_update(),
-        update(servers).where(servers.c.id.in_(ids), servers.c.state == "running").values(state="stopping"),
-        insert(events).from_select(_EVENT_COLUMNS, select(*_taken_back_event(
-            jobs.c.id, jobs.c.server_id, jobs.c.interruptions + 1 > jobs.c.max_interruptions)).where(processing)),
-        update(jobs).where(processing).ordered_values(*_taken_back_values()),
+        _mark_stopping(ids),
+        _record_taken(processing),
+        _take_back_update(processing),
     )
     compiled = [statement.compile(dialect=dialect) for statement in statements]
     return tuple((str(c), {k: v for k, v in c.params.items() if v is not None}) for c in compiled)

@@ -23,8 +23,8 @@ def mariadb_url(tmp_path):
     return database_url("mariadb", tmp_path)
 
 
-def batching(url) -> Storage:
-    return Storage(make_engine(url, batches=True))
+def batching(url, **options) -> Storage:
+    return Storage(make_engine(url, batches=True), **options)
 
 
 def busy_server(q: Queue, storage: Storage, name: str, release: str | None = None):
@@ -42,7 +42,8 @@ def job_view(q: Queue, job_id: int, server: str) -> dict:
     id, which differs between the two runs compared, as "{server}")."""
     with q.storage.engine.connect() as conn:
         row = conn.execute(select(*(jobs.c[column] for column in COMPARED), jobs.c.run_at > jobs.c.created_at,
-                                  jobs.c.avoid_until.is_not(None), jobs.c.finished_at.is_not(None)).where(jobs.c.id == job_id)).one()
+                                  jobs.c.avoid_until.is_not(None), jobs.c.finished_at.is_not(None))
+                           .where(jobs.c.id == job_id)).one()
     shown = dict(zip((*COMPARED, "held", "avoids", "finished"), row))
     shown["server_id"] = shown["server_id"] and shown["server_id"].replace(server, "{server}")
     shown["events"] = [(e.kind, e.detail.replace(server, "{server}")) for e in q.get(job_id).events]
@@ -61,8 +62,8 @@ def test_only_the_supervisor_s_engine_sends_batches(mariadb_url):
 
 def test_a_batched_handoff_does_what_the_plain_one_does(mariadb_url):
     with Queue(mariadb_url) as q:
-        plain, batches = Storage(make_engine(mariadb_url), release_window=30.0), batching(mariadb_url)
-        batches.release_window = 30.0
+        plain = Storage(make_engine(mariadb_url), release_window=30.0)
+        batches = batching(mariadb_url, release_window=30.0)
         idle = plain.register_server(name="idle", host="h", pid=1, pid_started_at=None, queues=["idle"],
                                      concurrency=1, dead_after=10.0)
         results = {}
@@ -75,10 +76,10 @@ def test_a_batched_handoff_does_what_the_plain_one_does(mariadb_url):
                 {s.id: s.state for s in q.servers()}[server],
             )
         assert results["batched"] == results["plain"]
-        ids, jobs, state = results["batched"]
+        ids, views, state = results["batched"]
         assert ids == [(0, 2, False, True), (1, 2, False, True), (2, 2, True, True)] and state == "stopping"
-        assert [j["state"] for j in jobs] == ["enqueued", "enqueued", "failed"]
-        assert jobs[0]["avoid_release"] == "r1"  # left to another release for a while, as before
+        assert [view["state"] for view in views] == ["enqueued", "enqueued", "failed"]
+        assert views[0]["avoid_release"] == "r1"  # left to another release for a while, as before
         assert batches.handoff([idle], 0.0, "x") == []  # a server with no jobs: none
         assert {s.id: s.state for s in q.servers()}[idle] == "stopping"
 

@@ -178,7 +178,12 @@ def test_a_long_database_outage_fences_the_children_then_the_server_registers_an
 def test_sigterm_while_the_database_is_down_kills_the_children_and_exits_1(
     sqlite_queue, sqlite_url, supervisors, records
 ):
-    sup = supervisors(sqlite_url, "s1", server={"concurrency": 1})
+    # Beats 30 s apart: once its job runs, the supervisor writes nothing
+    # until SIGTERM, so the signal never lands while a heartbeat waits out
+    # SQLite's busy timeout on the lock below (Python answers a signal only
+    # between calls: that heartbeat's 5 s would come before the handoff's,
+    # as a CI run saw once). What is timed is the shutdown itself.
+    sup = supervisors(sqlite_url, "s1", server={"concurrency": 1, "heartbeat_interval": "30s", "dead_after": "90s"})
     old = sup.wait_registered(sqlite_queue)
     job = sqlite_queue.enqueue("scjobs:spin", [str(records)])
     (pid,) = wait_for(lambda: runs(records, job.id), what="the job to start")
